@@ -128,6 +128,11 @@ class Workload:
     """AdamW bytes per step: fp32 master, m, v read+write, fp32 grad read, model-dtype write."""
     stage: int = 0
 
+    @property
+    def activation_elements(self) -> int:
+        """The [mbs·s, d] activation a layer hands on (the TP allreduce message)."""
+        return self.tokens * self.config.model.hidden
+
     def layer_flop(self, phases: tuple[str, ...] = ("fwd", "dgrad", "wgrad", "bwd")) -> int:
         gemm = sum(g.flop * g.count for g in self.gemms if g.phase in phases)
         attn = sum(a.flop for a in self.attention if a.phase in phases)

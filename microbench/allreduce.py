@@ -1,0 +1,50 @@
+"""Allreduce probe: the TP allreduce of [mbs·s, d] activations, or an nccl-tests size sweep.
+
+    mpiexec -n 2 python -m microbench.allreduce -b 1K -e 16M -f 4
+    mpiexec -n 4 python -m microbench.allreduce --model alcf-1t --tp 2 --dp 2
+
+Bounded by the link between the group's ranks (bus bandwidth) for large messages and by
+latency for small ones. torch.distributed has no out-of-place allreduce: "out" copies the
+send buffer into the receive buffer and reduces that in place, as a framework must.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .collective import CollectiveProbe, count_wrong, pattern, tp_activation_elements
+from .harness import Case, Context, main_for
+
+
+class AllReduce(CollectiveProbe):
+    name = "allreduce"
+    module = "microbench.allreduce"
+    kind = "allreduce"
+    description = __doc__.splitlines()[0]
+
+    def model_elements(self, ctx: Context) -> tuple[str, int]:
+        return tp_activation_elements(ctx)
+
+    def make_buffers(self, ctx: Context, case: Case, *, seed: int, inplace: bool) -> Any:
+        n = case.fields["count"]
+        send = pattern(n, rank=self.group_index(case, ctx.rank), seed=seed, dtype=case.fields["dtype"],
+                       device=ctx.device)
+        recv = send if inplace else send.clone()
+        return {"send": send, "recv": recv, "seed": seed, "group": self.group(ctx, case)}
+
+    def run(self, ctx: Context, case: Case, state: Any) -> None:
+        import torch.distributed as dist
+        if state["recv"] is not state["send"]:
+            state["recv"].copy_(state["send"])
+        dist.all_reduce(state["recv"], group=state["group"])
+
+    def check(self, ctx: Context, case: Case, state: Any) -> tuple[int, int]:
+        import torch
+        n, dt = case.fields["count"], case.fields["dtype"]
+        expected = torch.zeros(n, dtype=torch.float64, device=ctx.device)
+        for r in range(len(case.group_ranks)):
+            expected += pattern(n, rank=r, seed=state["seed"], dtype="fp64", device=ctx.device)
+        return count_wrong(state["recv"], expected, dtype=dt, terms=len(case.group_ranks)), n
+
+
+if __name__ == "__main__":
+    main_for(AllReduce())
