@@ -1,0 +1,55 @@
+"""Launch probes as real multi-rank runs from tests: embedded world or mpiexec, always bounded."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("PMI_", "OMPI_", "PALS_", "PMIX_", "SLURM_", "MICROBENCH_"))
+         and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
+    e["MASTER_ADDR"] = "127.0.0.1"
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    e.update(extra)
+    return e
+
+
+def run_local(module: str, *args: str, ranks: int = 2, timeout: float = 120,
+              **extra_env: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` with no launcher: the probe starts its own ``ranks``-rank world."""
+    cmd = [sys.executable, "-m", module, *args, "--ranks", str(ranks)]
+    return subprocess.run(cmd, env=env(**extra_env), capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def mpiexec() -> str | None:
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
+def run_mpi(module: str, *args: str, ranks: int = 2, timeout: float = 120,
+            **extra_env: str) -> subprocess.CompletedProcess:
+    """``mpiexec -n ranks python -m module args`` (callers skip when :func:`mpiexec` is None)."""
+    exe = mpiexec()
+    assert exe is not None
+    cmd = [exe, "-n", str(ranks), sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, env=env(**extra_env), capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def have_mpi() -> bool:
+    if mpiexec() is None:
+        return False
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return True
