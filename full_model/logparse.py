@@ -352,6 +352,9 @@ def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
                                                "timestamp", "tflops_formula",
                                                "negative_latency"):
             df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+        elif c in ("name", "source", "op", "message_size", "format", "timestamp",
+                   "tflops_formula"):
+            df[c] = df[c].astype(object).where(df[c].notna(), None)  # None, never NaN
     return df
 
 

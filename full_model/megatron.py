@@ -1,0 +1,194 @@
+"""Megatron-DeepSpeed on the real machine: parse its logs, generate its PBS job script.
+
+    python -m full_model.megatron parse LOG [--csv FILE | --json] [--strict]
+    python -m full_model.megatron script --model alcf-1t --nodes 64 [-o FILE] [--with-probes]
+                                         [--tp N --pp N --dp N --mbs N --gbs N] …
+
+Why one entry point: the measured side of the cross-check is "run this script, parse that
+log"; both halves must agree on the configuration, so they live together. The work is in
+:mod:`full_model.logparse` and :mod:`full_model.jobscript`; this module is the CLI and the
+public API. User errors print one ``error: …`` line and exit 2 — never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+import pandas as pd
+
+from full_model.jobscript import (AURORA_ENV, JobOptions, cpu_bind_list, deepspeed_config,
+                                  layout_for, megatron_args, render_job_script)
+from full_model.logparse import (ITERATION_COLUMNS, ParseResult, format_iteration_line,
+                                 parse_log, strip_prefix)
+from microbench.config import PRESETS
+
+__all__ = ["AURORA_ENV", "ITERATION_COLUMNS", "JobOptions", "ParseResult", "cpu_bind_list",
+           "deepspeed_config", "format_iteration_line", "layout_for", "main",
+           "megatron_args", "parse_log", "render_job_script", "strip_prefix"]
+
+EXIT_USAGE = 2
+_SHOW_LINES = 5  # line numbers named in a warning before "…"
+_TABLE_COLUMNS = ["iteration", "elapsed_ms", "lm_loss", "samples_per_second",
+                  "tokens_per_gpu_per_second", "tflops_lm", "tflops_ds", "tflops",
+                  "tflops_formula", "format"]
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit code 2."""
+
+
+def _linenos(items: list[tuple[int, str]]) -> str:
+    nums = [str(n) for n, _ in items[:_SHOW_LINES]]
+    return ", ".join(nums) + (", …" if len(items) > _SHOW_LINES else "")
+
+
+def _cmd_parse(args: argparse.Namespace) -> int:
+    name = args.log
+    try:
+        result = parse_log(sys.stdin if name == "-" else name)
+    except FileNotFoundError:
+        raise UserError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{name}: is a directory") from None
+    except PermissionError:
+        raise UserError(f"{name}: permission denied") from None
+    if result.unreadable:
+        print(f"warning: {name}: {len(result.unreadable)} line(s) look like iteration records "
+              f"but could not be read (lines {_linenos(result.unreadable)})", file=sys.stderr)
+    if result.warnings:
+        print(f"warning: {name}: {len(result.warnings)} record(s) read with problems "
+              f"(lines {_linenos(result.warnings)}); first: {result.warnings[0][1]}",
+              file=sys.stderr)
+    if result.iterations.empty:
+        raise UserError(f"{name}: no iteration lines found")
+    if args.json:
+        print(json.dumps(result.to_json_obj()))
+    elif args.csv:
+        try:
+            result.iterations.to_csv(args.csv, index=False)
+        except OSError as exc:
+            raise UserError(f"{args.csv}: cannot write: {exc.strerror}") from None
+        print(f"wrote {len(result.iterations)} iteration rows to {args.csv}")
+    else:
+        _print_summary(result)
+    return 1 if args.strict and result.unreadable else 0
+
+
+def _print_summary(result: ParseResult) -> None:
+    """A human table, then one JSON line with the steady-state median (pyperf-style)."""
+    it = result.iterations
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(it[_TABLE_COLUMNS].to_string(index=False))
+    steady = it[it["iteration"] > it["iteration"].min()] if len(it) > 1 else it
+    summary = {"num_iterations": len(it), "median_elapsed_ms": float(steady["elapsed_ms"].median()),
+               "excluded_first_iteration": len(it) > 1, "num_timer_rows": len(result.timers),
+               "num_comms_rows": len(result.comms), "num_unreadable": len(result.unreadable)}
+    print(json.dumps(summary))
+
+
+def _cmd_script(args: argparse.Namespace) -> int:
+    try:
+        cfg = layout_for(args.model, nodes=args.nodes, ranks_per_node=args.ranks_per_node,
+                         tp=args.tp, pp=args.pp, dp=args.dp, micro_batch=args.mbs,
+                         global_batch=args.gbs)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    opts = JobOptions(nodes=args.nodes, ranks_per_node=args.ranks_per_node,
+                      account=args.account, queue=args.queue, walltime=args.walltime,
+                      filesystems=args.filesystems, train_script=args.train_script,
+                      megatron_dir=args.megatron_dir, train_iters=args.train_iters,
+                      backend=args.backend, with_probes=args.with_probes,
+                      comms_logger=args.comms_logger, extra_args=tuple(args.extra_arg),
+                      env=env)
+    text = render_job_script(cfg, opts=opts)
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        try:
+            with open(args.output, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise UserError(f"{args.output}: cannot write: {exc.strerror}") from None
+        p = cfg.parallel
+        print(f"wrote {args.output}: {args.nodes} nodes × {args.ranks_per_node} ranks, "
+              f"tp {p.tp} pp {p.pp} dp {p.dp}, mbs {p.micro_batch} gbs {p.global_batch}",
+              file=sys.stderr)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own exit is 2 already; keep it one line
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m full_model.megatron", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("parse", help="read a Megatron-DeepSpeed log")
+    p.add_argument("log", metavar="LOG", help="log file, or - for stdin")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--csv", metavar="FILE", help="write the iteration rows as CSV")
+    out.add_argument("--json", action="store_true",
+                     help="print iterations, timers, comms and unreadable lines as one JSON object")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any line was unreadable")
+    p.set_defaults(func=_cmd_parse)
+
+    s = sub.add_parser("script", help="write a PBS job script for Megatron-DeepSpeed on Aurora")
+    s.add_argument("--model", required=True, choices=sorted(PRESETS), help="model preset")
+    s.add_argument("--nodes", required=True, type=_positive_int)
+    s.add_argument("--ranks-per-node", type=_positive_int, default=12)
+    s.add_argument("-o", "--output", metavar="FILE", help="write here (default stdout)")
+    s.add_argument("--with-probes", action="store_true",
+                   help="run python -m microbench on the same allocation first")
+    for flag, help_ in (("--tp", "tensor-parallel size"), ("--pp", "pipeline stages"),
+                        ("--dp", "data-parallel replicas (default: fill the allocation)"),
+                        ("--mbs", "micro-batch size"), ("--gbs", "global batch size")):
+        s.add_argument(flag, type=_positive_int, help=help_)
+    s.add_argument("--account", default="YOUR_PROJECT", help="PBS -A")
+    s.add_argument("--queue", default="prod", help="PBS -q")
+    s.add_argument("--walltime", default="01:00:00", help="PBS walltime HH:MM:SS")
+    s.add_argument("--filesystems", default="home:flare", help="PBS -l filesystems")
+    s.add_argument("--train-script", default="pretrain_gpt_alcf.py",
+                   help="Megatron-DeepSpeed entry point (e.g. pretrain_gpt.py)")
+    s.add_argument("--megatron-dir", default="$PBS_O_WORKDIR/Megatron-DeepSpeed")
+    s.add_argument("--train-iters", type=_positive_int, default=10)
+    s.add_argument("--backend", default="ccl", choices=["ccl", "nccl", "gloo"])
+    s.add_argument("--comms-logger", action="store_true", help="enable DeepSpeed's comms logger")
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="add or override an exported variable (repeatable)")
+    s.add_argument("--extra-arg", action="append", default=[], metavar="ARG",
+                   help="append one argument to the Megatron command line (repeatable)")
+    s.set_defaults(func=_cmd_script)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
