@@ -91,6 +91,10 @@ class Probe:
     default_iters = 20
     default_warmup = 5
     uses_model = True
+    layout_matches_world = True
+    """False for probes that measure one rank's shard of the layout (compute probes): the
+    layout's tp×pp×dp need not equal the world; every rank runs the same shard at once and
+    the grid is the world as one DP-like group."""
     footer_metric: str | None = None
 
     def add_args(self, parser: argparse.ArgumentParser) -> None:
@@ -448,8 +452,12 @@ def run_probe(probe: Probe, argv: Sequence[str] | None = None) -> int:
 
 def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> int:
     world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
-    grid = make_grid(args, world.world_size)
-    cfg = layout_config(args, world.world_size)
+    if probe.layout_matches_world:
+        grid = make_grid(args, world.world_size)
+        cfg = layout_config(args, world.world_size)
+    else:  # a per-rank shard: --tp/--pp/--dp describe the layout, not this world
+        grid = Grid(tp=1, pp=1, dp=world.world_size)
+        cfg = layout_config(args, world_size=None)
     if cfg is not None and args.dtype is None:
         args.dtype = cfg.model.dtype
     if args.dtype is None:
