@@ -478,7 +478,8 @@ def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> in
                   f"{world.num_nodes} node(s)), backend {world.backend}, device {world.device_kind}, "
                   f"launcher {world.launcher}, dtype {args.dtype}, timing {timer.method}")
             if cfg is not None:
-                print(f"# model {cfg.model.name}: tp {grid.tp} pp {grid.pp} dp {grid.dp} "
+                lay = cfg.parallel  # the layout (the grid itself for collective probes)
+                print(f"# model {cfg.model.name}: tp {lay.tp} pp {lay.pp} dp {lay.dp} "
                       f"mbs {cfg.parallel.micro_batch} seq {cfg.model.seq_len}")
             print(header_line(probe), flush=True)
         for case in cases:
