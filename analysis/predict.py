@@ -27,7 +27,7 @@ from .profile import SystemProfile, group_placement, load_profile
 
 GIB = 2 ** 30
 COMPONENTS = ("gemm", "attention", "memops", "recompute", "tp_comm", "pp_p2p", "embedding_head",
-              "bubble", "dp_sync", "optimizer")
+              "overhead", "bubble", "dp_sync", "optimizer")
 
 
 @dataclass
@@ -164,6 +164,7 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
                "tp_comm": lay["tp_bwd"],
                "recompute": lay["gemm_re"] + lay["attn_re"] + lay["mem_re"] + lay["tp_re"]}
     layers = {k: Ls * (parts_f.get(k, 0.0) + parts_b.get(k, 0.0)) for k in set(parts_f) | set(parts_b)}
+    layers["overhead"] = Ls * profile.layer_overhead_time_s()
     layers_f = Ls * sum(parts_f.values())
     stages = {"first": (first_f, first_b), "last": (last_f, last_b)}
     if p.pp == 1:
@@ -200,7 +201,9 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
     br["optimizer"] = profile.bytes_time_s(w.optimizer_bytes, op="adamw")
     step = sum(br.values())
 
-    mem = _wl.memory_bytes(cfg)
+    # The first stage holds the most micro-batches in flight, the last the LM head: take the
+    # stage whose total is largest (memory_bytes prices each stage).
+    mem = max((_wl.memory_bytes(cfg, stage=s) for s in {0, p.pp - 1}), key=lambda d: sum(d.values()))
     mem_gib = {k: v / GIB for k, v in mem.items()}
     mem_gib["total"] = sum(mem.values()) / GIB
     mem_gib["capacity"] = profile.device_memory_gib

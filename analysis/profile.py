@@ -94,6 +94,10 @@ class SystemProfile:
         raise NotImplementedError
     @property
     def attention_fused(self) -> bool: return True
+    def layer_overhead_time_s(self) -> float:
+        """Host/framework time per layer per micro-batch (forward + backward) not hidden by
+        the device queue (kernel launches, Python); 0 unless a profile says otherwise."""
+        return 0.0
     def sources(self) -> dict[str, str]: raise NotImplementedError
 
 
@@ -145,6 +149,8 @@ class SpecProfile(SystemProfile):
         self.gemm_k_half = float(e.get("gemm_k_half", 64))
         self.gemm_latency_s = float(e.get("gemm_latency_us", 5)) * 1e-6
         self.attention_eff = float(e.get("attention", 0.5))
+        self._attention_fused = bool(e.get("attention_fused", True))
+        self.layer_overhead_s = float(e.get("layer_overhead_us", 0.0)) * 1e-6
         self.memop_eff = float(e.get("memop", 0.8))
         self.memop_latency_s = float(e.get("memop_latency_us", 5)) * 1e-6
         n = s["network"]
@@ -216,9 +222,23 @@ class SpecProfile(SystemProfile):
         return max(compute, memory) + self.gemm_latency_s
 
     def attention_time_s(self, att: Attention) -> float:
-        """Fused (flash) attention: causal FLOPs at a fixed fraction of peak."""
-        flop = att.flop_causal if att.causal else att.flop
-        return flop / (self.peak_for(att.dtype) * 1e12 * self.attention_eff) + self.gemm_latency_s
+        """Fused (flash) attention: causal FLOPs at a fixed fraction of peak. Explicit
+        (unfused) attention: the full s×s score and context batched GEMMs, priced with the
+        GEMM quantization model at the attention efficiency (the softmax is a separate memop)."""
+        if self._attention_fused:
+            flop = att.flop_causal if att.causal else att.flop
+            return flop / (self.peak_for(att.dtype) * 1e12 * self.attention_eff) + self.gemm_latency_s
+        scores = Gemm("attention_scores", "fwd", att.seq, att.seq, att.head_dim, att.batch * att.heads, att.dtype)
+        q = self.gemm_efficiency(scores) / self.gemm_max
+        passes = 2 if att.phase == "fwd" else 4  # Q·Kᵀ and P·V; backward twice that
+        return att.flop / (self.peak_for(att.dtype) * 1e12 * self.attention_eff * q) + passes * self.gemm_latency_s
+
+    @property
+    def attention_fused(self) -> bool:
+        return self._attention_fused
+
+    def layer_overhead_time_s(self) -> float:
+        return self.layer_overhead_s
 
     def memop_time_s(self, op: MemOp) -> float:
         return self.bytes_time_s(op.bytes, op=op.name)
@@ -442,6 +462,9 @@ class MeasuredProfile(SystemProfile):
 
     def overlap(self, kind: str) -> float:
         return self._overlap.get(kind, self.fallback.overlap(kind))
+
+    def layer_overhead_time_s(self) -> float:
+        return self.fallback.layer_overhead_time_s()
 
     def sources(self) -> dict[str, str]:
         return dict(self._sources)
