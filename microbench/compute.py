@@ -1,0 +1,218 @@
+"""Shared declaration for compute probes (gemm, attention, layer_ops, peak).
+
+A compute probe measures one rank's shard of the layout (``--model P --tp T``): the layout
+need not match the world, every rank runs the same shard at once (``--concurrent all``, as
+in a step: a busy node is slower than one busy tile) or rank 0 runs alone (``one``).
+
+``--scale F`` (0 < F ≤ 1) shrinks every dimension for quick runs: ``round(dim·F)``, then up
+to a multiple of 8 for GEMM dimensions and sequence lengths that were multiples of 8 (tensor
+cores and XMX want them; the preset's dims all are). A dimension whose ``dim·F`` is below 1
+is an error, not a silent 1. ``scale`` is recorded in every row.
+
+Efficiency denominators: the measured peak (a large square GEMM in the model dtype, a large
+device copy; see :mod:`microbench.peak`) and, where the device is known, its spec peak.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .harness import Case, Context, Probe, torch_dtype
+from .runtime import UsageError
+
+# Dense (no sparsity) spec peaks, TFLOP/s per device as torch sees it, and HBM GB/s.
+SPEC_PEAKS: dict[str, dict[str, float]] = {
+    # NVIDIA H100 SXM5 datasheet: bf16/fp16 989.4 dense, fp32 (non-tensor) 66.9, 3.35 TB/s.
+    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9, "gbps": 3350.0},
+    # NVIDIA H200 datasheet: same tensor cores as H100 SXM, 4.8 TB/s HBM3e.
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9, "gbps": 4800.0},
+    # NVIDIA A100 datasheet: bf16/fp16 312, fp32 19.5; 80GB SXM 2.04 TB/s (40GB: 1.56).
+    "A100-SXM4-80GB": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "gbps": 2039.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "gbps": 1555.0},
+    # Intel Data Center GPU Max 1550, one tile (torch sees a tile as a device): 448 EUs at
+    # 1.3 GHz → bf16 298 TFLOP/s (ALCF Aurora docs, DESIGN.md), HBM2e ~1 TB/s per tile.
+    "Max 1550": {"bf16": 298.0, "fp16": 298.0, "fp32": 22.9, "gbps": 1000.0},
+}
+
+
+def spec_peak(device_name: str | None, key: str) -> float | None:
+    """The spec figure (TFLOP/s for a dtype, or 'gbps') for a device name, else None."""
+    for marker, peaks in SPEC_PEAKS.items():  # most specific first within a family
+        if device_name and marker in device_name:
+            return peaks.get(key)
+    return None
+
+
+def scale_dim(value: int, scale: float, name: str, *, multiple: int = 1) -> int:
+    """``value`` shrunk by ``scale`` (module docstring); ValueError names a dim that vanishes."""
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if scale == 1:
+        return value
+    x = value * scale
+    if x < 1:
+        raise ValueError(f"--scale {scale:g} makes {name} {value} × {scale:g} = {x:.3g} < 1 "
+                         f"(0 after rounding); use a scale ≥ {1 / value:.3g}")
+    if multiple > 1 and value % multiple == 0:
+        return max(multiple, round(x / multiple) * multiple)
+    return max(1, round(x))
+
+
+def check_scale(scale: float) -> None:
+    if not 0 < scale <= 1:
+        raise UsageError(f"--scale {scale:g}: must be in (0, 1]")
+
+
+def unit_roundoff(dtype: str) -> float:
+    """u of the storage dtype (fp32 as TF32 may be used by GEMM engines: 2^-11, conservative)."""
+    return {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "fp32": 2.0 ** -11, "fp64": 2.0 ** -40}[dtype]
+
+
+def count_not_close(got, ref, *, dtype: str, bound=None, terms: int = 1) -> int:
+    """Elements outside a dtype-aware tolerance of a float64 reference.
+
+    ``bound`` is |A|·|B| for a GEMM (the classic forward-error bound scale); elsewhere the
+    reference's own magnitude plus its largest value (absolute floor). Tolerance: 4u (storage
+    rounding of inputs and output) + terms·2^-23 (fp32 accumulation) times the bound.
+    """
+    import torch
+    got, ref = got.to(torch.float64), ref.to(torch.float64)
+    u = unit_roundoff(dtype)
+    if bound is None:
+        bound = ref.abs() + ref.abs().max()
+    tol = (4 * u + terms * 2.0 ** -23) * bound
+    bad = ~((got - ref).abs() <= tol)  # NaN counts as wrong
+    return int(bad.sum().item())
+
+
+def randn(shape, *, seed: int, dtype: str, device, requires_grad: bool = False):
+    """Normal data from a fixed seed (never zeros), made on the host so every device agrees."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*shape, generator=g, dtype=torch.float32).to(torch_dtype(dtype)).to(device)
+    return t.requires_grad_(requires_grad)
+
+
+@dataclass
+class Work:
+    """What a compute probe's setup returns: the one call to time and its correctness count."""
+
+    run: Callable[[], Any]
+    check: Callable[[], tuple[int, int]] = lambda: (0, 0)
+
+
+class ComputeProbe(Probe):
+    layout_matches_world = False
+    default_iters = 10
+    default_warmup = 2
+    footer_metric = "tflops"
+
+    def add_args(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--scale", type=float, default=1.0,
+                       help="shrink every dimension by F (0 < F ≤ 1) for quick runs; recorded in rows")
+        p.add_argument("--concurrent", default="all", choices=("all", "one"),
+                       help="every rank runs the shard at once (as in a step), or rank 0 alone")
+        p.add_argument("--no-peak", action="store_true",
+                       help="skip the peak cases (no %% of measured peak)")
+        p.add_argument("--peak-tflops", type=float, default=None,
+                       help="use this measured peak (TFLOP/s, model dtype) instead of measuring it")
+        p.add_argument("--peak-size", type=int, default=None,
+                       help="square peak GEMM size (default 8192 on a GPU, 2048 on a CPU)")
+        p.add_argument("--copy-bytes", default=None,
+                       help="peak copy buffer size (default 1G on a GPU, 128M on a CPU)")
+
+    def validate(self, args: argparse.Namespace) -> None:
+        check_scale(args.scale)
+        if args.model is None and not self.standalone(args):
+            raise UsageError(f"{self.name} needs --model PRESET (with --tp/--mbs for the layout)")
+
+    def standalone(self, args: argparse.Namespace) -> bool:
+        """True when the probe has something to measure without a model (e.g. --shape)."""
+        return False
+
+    def case(self, ctx: Context, name: str, **fields: Any) -> Case:
+        fields = {"scale": ctx.args.scale, "concurrent": ctx.args.concurrent, **fields}
+        active = ctx.args.concurrent == "all" or ctx.rank == 0
+        return Case(name, fields, active=active)
+
+    def scaled(self, ctx: Context, value: int, name: str, *, multiple: int = 1) -> int:
+        try:
+            return scale_dim(value, ctx.args.scale, name, multiple=multiple)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    def pct(self, ctx: Context, value: float | None, kind: str, dtype_or_gbps: str) -> dict[str, Any]:
+        """% of the measured peak (ctx.extra from the peak cases) and of the spec peak."""
+        out: dict[str, Any] = {}
+        measured = ctx.extra.get(kind, {}).get(dtype_or_gbps)
+        if value is not None and measured:
+            out["pct_peak"] = 100 * value / measured
+        spec = spec_peak(ctx.extra.get("device_name"), dtype_or_gbps)
+        if value is not None and spec:
+            out["pct_spec_peak"] = 100 * value / spec
+        return out
+
+    # -- generic run/check/metrics: a case's setup returns Work; rates come from its fields
+    def setup(self, ctx: Context, case: Case, *, seed: int) -> Work:
+        if case.fields.get("op") in ("peak", "copy"):
+            from .peak import setup_peak
+            return setup_peak(ctx, case, seed=seed)
+        return self.op_setup(ctx, case, seed=seed)
+
+    def op_setup(self, ctx: Context, case: Case, *, seed: int) -> Work:
+        raise NotImplementedError
+
+    def run(self, ctx: Context, case: Case, state: Work) -> None:
+        state.run()
+
+    def check(self, ctx: Context, case: Case, state: Work) -> tuple[int, int]:
+        return state.check()
+
+    def cases(self, ctx: Context):
+        ctx.extra.setdefault("device_name", _device_name(ctx))
+        if not ctx.args.no_peak and ctx.args.peak_tflops is None:
+            yield from self.peak_cases(ctx)
+        if ctx.args.peak_tflops is not None:
+            ctx.extra.setdefault("peak_tflops", {})[ctx.args.dtype] = ctx.args.peak_tflops
+        yield from self.op_cases(ctx)
+
+    def peak_cases(self, ctx: Context):
+        """The denominators this probe's rates need (a GEMM peak by default)."""
+        from .peak import gemm_peak_case
+        yield gemm_peak_case(self, ctx)
+
+    def op_cases(self, ctx: Context):
+        raise NotImplementedError
+
+    def metrics(self, ctx: Context, case: Case, time_s: float) -> dict[str, Any]:
+        f, out = case.fields, {}
+        if time_s <= 0:
+            return out
+        if "flop" in f:
+            out["tflops"] = f["flop"] / time_s / 1e12
+            if "flop_causal" in f:
+                out["tflops_causal"] = f["flop_causal"] / time_s / 1e12
+            if f.get("op") == "peak":
+                ctx.extra.setdefault("peak_tflops", {})[f["dtype"]] = out["tflops"]
+                if ctx.writer is not None:
+                    ctx.writer.update_manifest(peak_tflops=dict(ctx.extra["peak_tflops"]))
+            out.update(self.pct(ctx, out["tflops"], "peak_tflops", f["dtype"]))
+        elif "bytes_moved" in f:
+            out["gbps"] = f["bytes_moved"] / time_s / 1e9
+            if f.get("op") == "copy":
+                ctx.extra.setdefault("peak_gbps", {})["gbps"] = out["gbps"]
+                if ctx.writer is not None:
+                    ctx.writer.update_manifest(peak_gbps=out["gbps"])
+            out.update(self.pct(ctx, out["gbps"], "peak_gbps", "gbps"))
+        if "extrapolation" in f:  # measured a chunk of a memory-bound op: time scales linearly
+            out["time_us_step"] = time_s * 1e6 * f["extrapolation"]
+        return out
+
+    def manifest(self, ctx: Context) -> dict[str, Any]:
+        return {"scale": ctx.args.scale, "concurrent": ctx.args.concurrent}
+
+
+def _device_name(ctx: Context) -> str:
+    from .harness import device_name
+    return device_name(ctx.world)
