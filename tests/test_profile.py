@@ -1,0 +1,116 @@
+"""System profiles: shipped specs load, placement follows Megatron order, measured rows override."""
+import dataclasses
+
+import pandas as pd
+import pytest
+
+from analysis.predict import predict
+from analysis.profile import MeasuredProfile, SpecProfile, group_placement, load_profile, shipped_systems
+from microbench.config import preset, with_layout
+from microbench.results import RunWriter
+from microbench.workload import Collective, Gemm, workload
+
+
+def test_shipped_systems_load():
+    names = shipped_systems()
+    for required in ("dgx-a100-80gb", "dgx-a100-40gb", "dgx-h100", "aurora", "polaris"):
+        assert required in names
+    for n in names:
+        p = SpecProfile.from_yaml(n)
+        assert p.peak_tflops > 0 and p.ranks_per_node > 0 and p.device_memory_gib > 0
+    assert SpecProfile.from_yaml("aurora").ranks_per_node == 12
+    assert SpecProfile.from_yaml("polaris").ranks_per_node == 4
+
+
+def test_unknown_system_lists_shipped():
+    with pytest.raises(ValueError, match="unknown system 'nope'.*aurora"):
+        SpecProfile.from_yaml("nope")
+
+
+def test_gemm_efficiency_quantization():
+    p = SpecProfile.from_yaml("dgx-a100-80gb")
+    big = Gemm("x", "fwd", 8192, 8192, 8192)
+    ragged = Gemm("x", "fwd", 8192, 8192 + 1, 8192)     # one extra column costs a tile row
+    small_k = Gemm("x", "fwd", 8192, 8192, 16)
+    assert p.gemm_efficiency(ragged) < p.gemm_efficiency(big) <= p.gemm_max
+    assert p.gemm_time_s(small_k) >= small_k.bytes / (p.mem_bw_gbps * 1e9)  # memory bound
+
+
+def test_placement_megatron_order():
+    cfg = preset("alcf-1t")  # tp 12 inside a node, pp 64 across nodes
+    assert not group_placement(cfg, "tp", ranks_per_node=12).crosses_nodes
+    pp = group_placement(cfg, "pp", ranks_per_node=12)
+    assert pp.crosses_nodes and pp.num_nodes == 64
+    c = with_layout(cfg, tp=4, pp=1, dp=6, micro_batch=1, global_batch=6)
+    dp = group_placement(c, "dp", ranks_per_node=12)
+    assert dp.crosses_nodes and dp.num_nodes == 2 and dp.ranks_per_node_in_group == 3  # ranks 0,4,8 | 12,16,20
+
+
+def test_hierarchical_collective_slower_across_nodes():
+    p = SpecProfile.from_yaml("dgx-h100")
+    c = Collective("x", "allreduce", "dp", 1 << 28, "bf16", 1, "step", 16)
+    intra = p.collective_time_s(c, crosses_nodes=False)
+    inter = p.collective_time_s(c, crosses_nodes=True, num_groups=8, ranks_per_node_in_group=1)
+    assert inter > intra > 0
+
+
+def _rows(cfg, scale=2.0):
+    """Synthetic probe rows for exactly the workload's GEMMs (scale × the spec time)."""
+    spec = SpecProfile.from_yaml("dgx-a100-80gb")
+    w = workload(cfg)
+    rows = []
+    for g in w.gemms + w.head_gemms:
+        rows.append(dict(kind="gemm", op=g.name, phase=g.phase, m=g.m, n=g.n, k=g.k, batch=g.batch,
+                         dtype=g.dtype, time_us=scale * spec.gemm_time_s(g) * 1e6, status="ok"))
+    rows.append(dict(kind="gemm", op="qkv", phase="fwd", m=1, n=1, k=1, batch=1, dtype=cfg.model.dtype,
+                     time_us=1e9, status="failed"))  # a failed row must be ignored
+    for size in (1 << 20, 1 << 24, 1 << 28):
+        rows.append(dict(kind="allreduce", axis="tp", group_size=2, crosses_nodes=False, size_bytes=size,
+                         time_us=10 + size / 50e3, status="ok"))
+        rows.append(dict(kind="memop", op="norm", phase="fwd", bytes_moved=size, time_us=3 + size / 1e6,
+                         status="ok"))
+    rows.append(dict(kind="overlap", axis="dp", extra={"exposed_fraction": 0.25}, status="ok"))
+    return pd.DataFrame(rows)
+
+
+def test_measured_overrides_spec_and_records_sources():
+    cfg = with_layout(preset("llama2-7b"), tp=2, dp=4)
+    prof = MeasuredProfile.from_rows(_rows(cfg), fallback="dgx-a100-80gb")
+    src = prof.sources()
+    assert src["gemm"] == "measured" and src["collective.intra"] == "measured"
+    assert src["memop"] == "measured" and src["overlap"] == "measured"
+    assert src["collective.inter"] == "specified" and src["p2p.inter"] == "specified"
+    g = workload(cfg).gemms[0]
+    spec = SpecProfile.from_yaml("dgx-a100-80gb")
+    assert prof.gemm_time_s(g) == pytest.approx(2 * spec.gemm_time_s(g))
+    # an unmeasured shape is interpolated: spec shape dependence × the measured correction
+    other = dataclasses.replace(g, m=g.m * 2)
+    assert prof.gemm_time_s(other) == pytest.approx(2 * spec.gemm_time_s(other), rel=0.05)
+    c = workload(cfg).collectives[0]
+    assert prof.collective_time_s(c, crosses_nodes=False) == pytest.approx((10 + c.bytes / 50e3) * 1e-6, rel=1e-6)
+    assert prof.overlap("dp") == 0.25
+    slow = predict(cfg, prof).step_time_s
+    assert slow > predict(cfg, spec).step_time_s
+
+
+def test_profile_from_run_dir_uses_same_code_path(tmp_path, capsys):
+    cfg = preset("tiny")
+    run = tmp_path / "run1"
+    with RunWriter(run, {"probe": "gemm"}) as w:
+        for r in _rows(cfg, scale=1.0).to_dict("records"):
+            w.write_row({k: v for k, v in r.items() if not (isinstance(v, float) and v != v)})
+    prof = load_profile(system="dgx-a100-80gb", profile_dirs=[str(run)])
+    assert isinstance(prof, MeasuredProfile) and prof.sources()["gemm"] == "measured"
+    pr = predict(cfg, prof)
+    assert pr.step_time_s > 0 and pr.sources["gemm"] == "measured"
+    from analysis.predict import main
+    assert main(["--model", "tiny", "--system", "dgx-a100-80gb", "--profile", str(run), "--json"]) == 0
+    assert '"gemm": "measured"' in capsys.readouterr().out
+
+
+def test_measured_without_fallback_needs_peaks():
+    df = pd.DataFrame([dict(kind="allreduce", group_size=2, size_bytes=1e6, time_us=50.0, status="ok")])
+    with pytest.raises(ValueError, match="fallback"):
+        MeasuredProfile.from_rows(df)
+    with pytest.raises(ValueError, match="no rows"):
+        MeasuredProfile.from_rows(df.assign(status="failed"), fallback="aurora")
