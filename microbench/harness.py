@@ -482,7 +482,10 @@ def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> in
                 print(f"# model {cfg.model.name}: tp {lay.tp} pp {lay.pp} dp {lay.dp} "
                       f"mbs {cfg.parallel.micro_batch} seq {cfg.model.seq_len}")
             print(header_line(probe), flush=True)
-        for case in cases:
+        fault = _fault_injection(world.rank)
+        for i, case in enumerate(cases):
+            if fault is not None and i == fault:
+                os._exit(17)  # fault injection for the tests: this rank dies mid-sweep
             current = case.name
             row = measure_case(probe, ctx, case, timer)
             rows.append(row)
@@ -517,6 +520,15 @@ def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> in
     dist.barrier(group=world.control)
     dist.destroy_process_group()
     return 0
+
+
+def _fault_injection(rank: int) -> int | None:
+    """``MICROBENCH_FAULT=R:N`` makes rank R die before its case N (tests of a dead rank)."""
+    spec = os.environ.get("MICROBENCH_FAULT")
+    if not spec:
+        return None
+    who, _, when = spec.partition(":")
+    return int(when or 0) if int(who) == rank else None
 
 
 def footer(probe: Probe, rows: list[dict[str, Any]]) -> None:

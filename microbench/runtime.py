@@ -325,22 +325,22 @@ def spawn_local_world(module: str, argv: Sequence[str], *, nprocs: int, timeout_
     for r in range(nprocs):
         env_r = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
         procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env_r))
-    first_failure: tuple[int, int] | None = None
+    first_failure: int | None = None
     deadline = None
     try:
         while True:
             codes = [p.poll() for p in procs]
-            for r, c in enumerate(codes):
-                if c not in (None, 0) and first_failure is None:
-                    first_failure = (r, c)
-                    deadline = time.monotonic() + timeout_s + 10
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed and first_failure is None:
+                first_failure = failed[0]
+                deadline = time.monotonic() + timeout_s + 10
             if all(c is not None for c in codes):
                 break
             if deadline is not None and time.monotonic() > deadline:
                 for r, p in enumerate(procs):
                     if p.poll() is None:
                         print(f"error: {module}: rank {r} still running {timeout_s:.0f} s after rank "
-                              f"{first_failure[0]} failed; killing it", file=sys.stderr)
+                              f"{first_failure} failed; killing it", file=sys.stderr)
                         p.kill()
                 break
             time.sleep(0.05)
@@ -354,9 +354,13 @@ def spawn_local_world(module: str, argv: Sequence[str], *, nprocs: int, timeout_
                 p.kill()
             p.wait()
     if first_failure is not None:
-        r, c = first_failure
-        how = f"signal {-c}" if c < 0 else f"exit code {c}"
-        print(f"error: {module}: rank {r} of the embedded {nprocs}-rank world ended with {how}",
-              file=sys.stderr)
-        return c if c > 0 else 1
+        codes = [p.returncode for p in procs]
+        for r, c in enumerate(codes):
+            if c != 0:
+                how = f"signal {-c}" if c < 0 else f"exit code {c}"
+                print(f"error: {module}: rank {r} of the embedded {nprocs}-rank world ended with {how}",
+                      file=sys.stderr)
+        if all(c in (0, 2) for c in codes):
+            return 2  # a usage error every rank agreed on
+        return max((c for c in codes if c > 0), default=1)
     return max(p.returncode for p in procs)

@@ -1,0 +1,96 @@
+"""Workload numbers for alcf-1t at TP 12, computed by hand from DESIGN.md."""
+import pytest
+
+from microbench.config import alcf_1t, tiny, with_layout
+from microbench.workload import memory_bytes, workload
+
+D, F, S, TP, V = 24576, 98304, 2048, 12, 32256
+
+
+def shape(w, name, phase):
+    (g,) = w.by_name(name, phase)
+    return g.m, g.n, g.k
+
+
+def test_qkv_forward_is_2048_by_6144_by_24576():
+    assert shape(workload(alcf_1t()), "qkv", "fwd") == (2048, 3 * D // TP, D) == (2048, 6144, 24576)
+
+
+@pytest.mark.parametrize("name, fan_in, fan_out", [
+    ("qkv", D, 3 * D // TP), ("attn_proj", D // TP, D),
+    ("fc1", D, 2 * F // TP),  # SwiGLU: gate and up fused
+    ("fc2", F // TP, D), ("lm_head", D, V // TP)])
+def test_three_phases_follow_the_convention(name, fan_in, fan_out):
+    w = workload(alcf_1t())
+    T = S
+    assert shape(w, name, "fwd") == (T, fan_out, fan_in)
+    assert shape(w, name, "dgrad") == (T, fan_in, fan_out)
+    assert shape(w, name, "wgrad") == (fan_out, fan_in, T)
+    for phase in ("fwd", "dgrad", "wgrad"):
+        (g,) = w.by_name(name, phase)
+        assert g.flop == 2 * fan_in * fan_out * T and g.dtype == "bf16"
+
+
+def test_tp_allreduce_message_is_100_66_MB():
+    w = workload(alcf_1t())
+    ar = [c for c in w.collectives if c.kind == "allreduce"]
+    assert {c.elements for c in ar} == {S * D}
+    assert ar[0].bytes == 100_663_296  # 2048 × 24576 × 2 B = 100.66 MB
+    # 2 forward + 2 backward + 2 in the recompute forward (full recompute)
+    assert sum(c.count for c in ar) == 6
+    assert {c.group_size for c in ar} == {12}
+
+
+def test_without_recompute_four_allreduces_per_layer():
+    w = workload(with_layout(alcf_1t(), recompute="none"))
+    assert sum(c.count for c in w.collectives if c.kind == "allreduce") == 4
+    assert not [g for g in w.gemms if g.phase == "recompute"]
+
+
+def test_sequence_parallel_turns_allreduce_into_allgather_reduce_scatter():
+    # 2048 tokens do not split 12 ways, so sequence parallelism runs at TP 8 here
+    w = workload(with_layout(alcf_1t(), tp=8, sequence_parallel=True, recompute="none"))
+    kinds = {(c.kind, c.phase): c.count for c in w.collectives if not c.overlappable}
+    assert kinds == {("allgather", "fwd"): 2, ("reduce_scatter", "fwd"): 2,
+                     ("allgather", "bwd"): 2, ("reduce_scatter", "bwd"): 2}
+    assert {c.elements for c in w.collectives} == {S * D}
+    # the activation crossing a stage boundary is sharded too
+    assert w.p2p[0].elements == S * D // 8
+
+
+def test_pipeline_p2p_and_dp_gradient_bytes():
+    c = alcf_1t()
+    w = workload(c)
+    assert [p.phase for p in w.p2p] == ["fwd", "bwd"] and w.p2p[0].elements == S * D
+    assert w.dp == ()  # dp = 1 in the 1T run
+    assert w.dp_grad_bytes == c.params_per_rank * 4  # fp32 gradient accumulation
+    c2 = with_layout(c, tp=12, pp=64, dp=2)
+    w2 = workload(c2)
+    assert [x.kind for x in w2.dp] == ["reduce_scatter", "allgather"]  # ZeRO-1
+    assert w2.dp[0].elements == c2.params_per_rank and w2.dp[0].dtype == "fp32"
+    assert w2.optimizer_params == c2.params_per_rank // 2
+    assert w2.optimizer_bytes == w2.optimizer_params * (24 + 4 + 2)
+
+
+def test_attention_flops_full_and_causal():
+    w = workload(alcf_1t())
+    fwd = next(a for a in w.attention if a.phase == "fwd" and a.name == "attention_core")
+    assert (fwd.batch, fwd.heads, fwd.seq, fwd.head_dim) == (1, 16, 2048, 128)
+    assert fwd.flop == 4 * 1 * 16 * 2048 * 2048 * 128
+    assert fwd.flop_causal * 2 == fwd.flop
+
+
+def test_layer_flops_match_the_textbook_count():
+    # 24·s·d² + 4·s²·d per layer forward for a 4d MLP; here QKV 6sd², proj 2sd², MLP 6·s·d·f
+    c = with_layout(tiny(), recompute="none")
+    m = c.model
+    w = workload(c)
+    T, d, f, b, s = w.tokens, m.hidden, m.ffn_hidden, c.parallel.micro_batch, m.seq_len
+    expected_fwd = 2 * T * d * (3 * d + d + 3 * f) + 4 * b * s * s * d
+    assert w.layer_flop(("fwd",)) == expected_fwd
+
+
+def test_memory_fits_an_aurora_tile_for_the_1t_run():
+    mem = memory_bytes(alcf_1t())
+    assert all(v > 0 for v in mem.values())
+    assert sum(mem.values()) / 2**30 < 64  # a Max 1550 tile has 64 GB of HBM
