@@ -114,6 +114,16 @@ class Probe:
         """The one call to time."""
         raise NotImplementedError
 
+    def call(self, ctx: "Context", case: Case, state: Any) -> None:
+        """What the harness times and checks: :meth:`run`, unless a base class dispatches
+        (e.g. to another communication library for ``--backend mpi4py``)."""
+        self.run(ctx, case, state)
+
+    def finish(self, ctx: "Context", rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows derived from the measured ones after the last case (same on every rank):
+        an extrapolated total, a ratio of cases. Written and printed like measured rows."""
+        return []
+
     def check(self, ctx: "Context", case: Case, state: Any) -> tuple[int, int]:
         """(wrong, checked) elements after one run on fresh data."""
         return 0, 0
@@ -335,7 +345,7 @@ def measure_case(probe: Probe, ctx: Context, case: Case, timer: Timer) -> dict[s
         return {**row, "status": status, "reason": why}
 
     def once() -> None:
-        probe.run(ctx, case, state)
+        probe.call(ctx, case, state)
 
     warm, samples = [], []
     for i in range(args.warmup + args.iters):
@@ -363,7 +373,7 @@ def measure_case(probe: Probe, ctx: Context, case: Case, timer: Timer) -> dict[s
         wrong, checked = 0, 0
         if case.active:
             fresh = probe.setup(ctx, case, seed=2)
-            probe.run(ctx, case, fresh)
+            probe.call(ctx, case, fresh)
             timer.sync()
             wrong, checked = probe.check(ctx, case, fresh)
             del fresh
@@ -441,6 +451,11 @@ def run_probe(probe: Probe, argv: Sequence[str] | None = None) -> int:
         print(f"error: {probe.module}: {e}", file=sys.stderr)
         return 2
     if detect_launcher() is None:
+        if args.backend == "mpi4py":
+            print(f"error: {probe.module}: --backend mpi4py needs an MPI launch (mpiexec -n N python "
+                  f"-m {probe.module} ...): the embedded local world has no MPI communicator",
+                  file=sys.stderr)
+            return 2
         # No launcher: become the parent of an embedded local world of --ranks ranks.
         return spawn_local_world(probe.module, argv, nprocs=args.ranks, timeout_s=args.timeout_s)
     try:
@@ -511,6 +526,15 @@ def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> in
             writer.close(status="failed")
         sys.stdout.flush()
         os._exit(1)  # a collective may be stuck: never wait on a destroy that can hang
+    for derived in probe.finish(ctx, rows):
+        row = {"probe": probe.name, "status": "ok", **derived}
+        rows.append(row)
+        if writer is not None:
+            writer.write_row(row)
+            if not args.quiet:
+                print(format_row(probe, row), flush=True)
+                if row.get("note"):
+                    print(f"#   {row['note']}", flush=True)
     if writer is not None:
         footer(probe, rows)
         writer.close(status="ok")

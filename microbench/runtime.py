@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 EMBEDDED_ENV = "MICROBENCH_EMBEDDED"
-BACKENDS = ("auto", "xccl", "ccl", "nccl", "gloo", "mpi")
+BACKENDS = ("auto", "xccl", "ccl", "nccl", "gloo", "mpi", "mpi4py")
+"""``mpi4py``: torch.distributed still starts (auto backend) for groups and control; probes
+that support it move their data through mpi4py on ``World.mpi_comm`` (a second opinion)."""
 DEVICES = ("auto", "cpu", "cuda", "xpu")
 
 
@@ -289,6 +291,12 @@ def init_world(*, device: str = "auto", backend: str = "auto", timeout_s: float 
         # Ranks sharing a node share its cores: oversubscribed threads make CPU timings noise.
         import torch
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, info.local_size or 1)))
+    measured = backend
+    if backend == "mpi4py":
+        if comm is None:
+            raise UsageError(f"--backend mpi4py needs an MPI launcher (mpiexec); launcher "
+                             f"{info.launcher} gives no MPI communicator")
+        backend = "auto"
     be = choose_backend(backend, kind)
     timeout = datetime.timedelta(seconds=timeout_s)
     if be == "mpi":
@@ -302,7 +310,8 @@ def init_world(*, device: str = "auto", backend: str = "auto", timeout_s: float 
     names: list[object] = [None] * info.world_size
     dist.all_gather_object(names, socket.gethostname(), group=control)
     return World(rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
-                 launcher=info.launcher, device=dev, device_kind=kind, backend=be,
+                 launcher=info.launcher, device=dev, device_kind=kind,
+                 backend="mpi4py" if measured == "mpi4py" else be,
                  timeout_s=timeout_s, hostnames=[str(n) for n in names], control=control,
                  mpi_comm=comm)
 
