@@ -1,0 +1,220 @@
+"""Layer-ops probe: the memory-bound tail of a layer and the optimizer step, in achieved GB/s.
+
+    mpiexec -n 2 python -m microbench.layer_ops --model alcf-1t --tp 12 --scale 0.25
+
+Every op here moves a few bytes per FLOP, so it is bounded by memory bandwidth: the figure is
+GB/s = bytes_moved / t with bytes_moved from the workload (read + written, backward ≈ 2×
+forward), and its % of the measured copy bandwidth (a large device copy, measured first).
+Ops and element counts come from the workload (norm, rotary, swiglu|gelu, residual_add,
+softmax of the explicit attention path, and on the end stages embedding, final_norm,
+cross_entropy over the vocab shard); the op's inner dimension is the model's (hidden,
+head_dim·heads, ffn/tp, seq, vocab/tp) and ``--scale`` shrinks the row count only.
+Backward runs autograd over a retained graph (residual_add's backward is the gradient sum at
+the fork: the same add); cross_entropy is timed as loss plus logit gradient, as a fused
+vocab-parallel kernel does in one pass.
+
+AdamW: fp32 master weights, m and v, fp32 gradients, the model-dtype weight written back
+(``workload.adam_bytes_per_param``), over the rank's parameter shard (÷ dp under ZeRO-1).
+A shard larger than ``--adam-max-params`` is measured on a chunk of that size and the step
+time extrapolated linearly (``extrapolation``, ``time_us_step``): the op is a stream over
+memory, far beyond any cache at the chunk sizes used.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .compute import ComputeProbe, Work, count_not_close, randn, scale_dim
+from .harness import Case, Context, layout_config, main_for
+from .runtime import UsageError
+from .workload import adam_bytes_per_param, workload
+
+LR, BETAS, EPS, WEIGHT_DECAY = 1e-2, (0.9, 0.95), 1e-8, 0.1  # Megatron's usual AdamW settings
+
+
+def inner_dim(cfg, name: str) -> int:
+    m, tp = cfg.model, cfg.parallel.tp
+    return {"norm": m.hidden, "final_norm": m.hidden, "residual_add": m.hidden, "embedding": m.hidden,
+            "rotary": (m.num_heads + m.num_kv_heads) // tp * m.head_dim, "swiglu": m.ffn_hidden // tp,
+            "gelu": m.ffn_hidden // tp, "softmax": m.seq_len, "cross_entropy": m.vocab_size // tp}[name]
+
+
+def memop_shapes(cfg, *, scale: float = 1.0) -> list[dict[str, Any]]:
+    """Every memory-bound op of the workload (one row each for fwd/bwd), rows scaled."""
+    w, out, seen = workload(cfg), [], set()
+    for op in w.memops + w.head_memops:
+        if (op.name, op.phase) in seen:
+            continue
+        seen.add((op.name, op.phase))
+        inner = inner_dim(cfg, op.name)
+        rows = op.elements // inner
+        assert rows * inner == op.elements and op.bytes % rows == 0, (op, inner)
+        rows_s = scale_dim(rows, scale, f"{op.name} rows", multiple=8)
+        out.append({"op": op.name, "phase": op.phase, "rows": rows_s, "inner": inner,
+                    "elements": rows_s * inner, "bytes_moved": op.bytes // rows * rows_s,
+                    "dtype": op.dtype, "count": op.count,
+                    "explicit_attention_only": op.explicit_attention_only})
+    return out
+
+
+def adamw_shape(cfg, *, scale: float = 1.0, max_params: int) -> dict[str, Any]:
+    w = workload(cfg)
+    params = scale_dim(w.optimizer_params, scale, "optimizer params")
+    measured = min(params, max_params)
+    per = adam_bytes_per_param(cfg.model.dtype)
+    return {"op": "adamw", "phase": "step", "params": params, "measured_params": measured, "elements": measured,
+            "extrapolation": params / measured, "bytes_moved": measured * per,
+            "bytes_step": params * per, "dtype": cfg.model.dtype,
+            "zero_stage": cfg.parallel.zero_stage, "dp_size": cfg.parallel.dp}
+
+
+def _op_fn(cfg_f: dict[str, Any], name: str, params: dict[str, Any]):
+    import torch
+    import torch.nn.functional as F
+    inner = cfg_f["inner"]
+    if name in ("norm", "final_norm"):
+        if cfg_f["norm"] == "layernorm":
+            return lambda x: F.layer_norm(x, (inner,), params["w"].to(x.dtype), params["b"].to(x.dtype))
+        return lambda x: F.rms_norm(x, (inner,), params["w"].to(x.dtype), eps=1e-5)
+    if name == "rotary":
+        def rotary(x):  # x [rows, heads, head_dim]; cos/sin broadcast over heads
+            x1, x2 = x.chunk(2, dim=-1)
+            return x * params["cos"].to(x.dtype) + torch.cat((-x2, x1), dim=-1) * params["sin"].to(x.dtype)
+        return rotary
+    if name == "swiglu":
+        return lambda x: F.silu(x[:, 0]) * x[:, 1]
+    if name == "gelu":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "residual_add":
+        return lambda x: x + params["y"].to(x.dtype)
+    if name == "softmax":
+        return lambda x: torch.softmax(x, dim=-1)
+    if name == "embedding":
+        return lambda table: F.embedding(params["ids"], table)
+    if name == "cross_entropy":
+        return lambda x: F.cross_entropy(x, params["target"], reduction="sum")
+    raise AssertionError(name)
+
+
+def memop_work(f: dict[str, Any], *, seed: int, device) -> Work:
+    import torch
+    name, rows, inner, dt = f["op"], f["rows"], f["inner"], f["dtype"]
+    shape = {"swiglu": (rows, 2, inner), "rotary": (rows, inner // f["head_dim"], f["head_dim"]),
+             "embedding": (f["vocab_shard"], inner)}.get(name, (rows, inner))
+    g = torch.Generator().manual_seed(seed)
+    params = {"w": randn((inner,), seed=seed + 5, dtype=dt, device=device),
+              "b": randn((inner,), seed=seed + 6, dtype=dt, device=device),
+              "cos": randn((rows, 1, f["head_dim"]), seed=seed + 7, dtype=dt, device=device),
+              "sin": randn((rows, 1, f["head_dim"]), seed=seed + 8, dtype=dt, device=device),
+              "y": randn((rows, inner), seed=seed + 9, dtype=dt, device=device) if name == "residual_add" else None,
+              "ids": torch.randint(0, shape[0], (rows,), generator=g).to(device),
+              "target": torch.randint(0, inner, (rows,), generator=g).to(device)}
+    fn = _op_fn(f, name, params)
+    bwd = f["phase"] == "bwd" or name == "cross_entropy"
+    x = randn(shape, seed=seed, dtype=dt, device=device, requires_grad=bwd and name != "residual_add")
+    result: dict[str, Any] = {}
+    if name == "residual_add" or not bwd:
+        def run() -> None:
+            with torch.no_grad():
+                result["out"] = fn(x)
+    elif name == "cross_entropy":  # loss and the logit gradient, a fresh graph each call
+        def run() -> None:
+            result["out"] = torch.autograd.grad(fn(x), x)[0]
+    else:
+        out = fn(x)
+        grad = randn(out.shape, seed=seed + 3, dtype=dt, device=device)
+
+        def run() -> None:
+            result["out"] = torch.autograd.grad(out, x, grad, retain_graph=True)[0]
+
+    def check() -> tuple[int, int]:
+        r = min(rows, 8)
+        p64 = {k: (v[:r] if k in ("cos", "sin", "y", "ids", "target") else v).double()
+               if v is not None and v.is_floating_point() else (v[:r] if v is not None and k != "b" else v)
+               for k, v in params.items()}
+        fn64 = _op_fn(f, name, p64)
+        x64 = (x if name == "embedding" else x[:r]).detach().double().requires_grad_(bwd)
+        if name == "residual_add" or not bwd:
+            ref = fn64(x64)
+        elif name == "cross_entropy":
+            ref = torch.autograd.grad(fn64(x64), x64)[0]
+        else:
+            ref = torch.autograd.grad(fn64(x64), x64, grad[:r].double())[0]
+        got = result["out"][:r]
+        return count_not_close(got, ref, dtype=dt, terms=inner), got.numel()
+    return Work(run, check)
+
+
+def adamw_work(f: dict[str, Any], *, seed: int, device) -> Work:
+    import torch
+    n = f["measured_params"]
+    master = randn((n,), seed=seed, dtype="fp32", device=device).requires_grad_(True)
+    master.grad = randn((n,), seed=seed + 1, dtype="fp32", device=device)
+    weight = torch.empty(n, dtype=randn((1,), seed=0, dtype=f["dtype"], device="cpu").dtype, device=device)
+    p0, g0 = master.detach()[:1024].double().clone(), master.grad[:1024].double().clone()
+    try:
+        opt = torch.optim.AdamW([master], lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True)
+    except RuntimeError:  # no fused kernel for this device: the multi-tensor path
+        opt = torch.optim.AdamW([master], lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, foreach=True)
+
+    def run() -> None:
+        opt.step()
+        with torch.no_grad():
+            weight.copy_(master)
+
+    def check() -> tuple[int, int]:
+        """After one step from zero state: m̂ = g, v̂ = g², so p ← p(1 − lr·wd) − lr·g/(|g| + ε)."""
+        ref = p0 * (1 - LR * WEIGHT_DECAY) - LR * g0 / (g0.abs() + EPS)
+        k = ref.numel()
+        wrong = count_not_close(master.detach()[:k], ref, dtype="fp32") + \
+            count_not_close(weight[:k], ref, dtype=f["dtype"])
+        return wrong, 2 * k
+    return Work(run, check)
+
+
+class LayerOps(ComputeProbe):
+    name = "layer_ops"
+    module = "microbench.layer_ops"
+    description = __doc__.splitlines()[0]
+    footer_metric = "gbps"
+    columns = (("op", "op", ">13"), ("phase", "phase", ">5"), ("elements", "elements", ">11d"),
+               ("bytes", "bytes_moved", ">12d"), ("type", "dtype", ">4"), ("time(us)", "time_us", ">11.1f"),
+               ("GB/s", "gbps", ">9.2f"), ("%peak", "pct_peak", ">6.1f"), ("#wrong", "num_wrong", ">6d"))
+
+    def add_args(self, p: argparse.ArgumentParser) -> None:
+        super().add_args(p)
+        p.add_argument("--adam-max-params", type=int, default=None,
+                       help="largest AdamW chunk measured (default 2^28 on a GPU, 2^23 on a CPU)")
+
+    def validate(self, args) -> None:
+        super().validate(args)
+        if args.adam_max_params is not None and args.adam_max_params < 1:
+            raise UsageError(f"--adam-max-params {args.adam_max_params}: must be ≥ 1")
+        try:
+            cfg = layout_config(args, world_size=None)
+            memop_shapes(cfg, scale=args.scale)
+            adamw_shape(cfg, scale=args.scale, max_params=1)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    def peak_cases(self, ctx: Context):
+        from .peak import copy_peak_case
+        yield copy_peak_case(self, ctx)
+
+    def op_cases(self, ctx: Context):
+        m = ctx.cfg.model
+        for s in memop_shapes(ctx.cfg, scale=ctx.args.scale):
+            s.update(dtype=ctx.args.dtype, norm=m.norm, head_dim=m.head_dim,
+                     vocab_shard=m.vocab_size // ctx.cfg.parallel.tp)
+            yield self.case(ctx, f"{s['op']}-{s['phase']}", kind="memop", **s)
+        cap = ctx.args.adam_max_params or (1 << 23 if ctx.world.device_kind == "cpu" else 1 << 28)
+        yield self.case(ctx, "adamw-step", kind="memop", **adamw_shape(ctx.cfg, scale=ctx.args.scale,
+                                                                       max_params=cap))
+
+    def op_setup(self, ctx: Context, case: Case, *, seed: int) -> Work:
+        work = adamw_work if case.fields["op"] == "adamw" else memop_work
+        return work(case.fields, seed=seed, device=ctx.device)
+
+
+if __name__ == "__main__":
+    main_for(LayerOps())
