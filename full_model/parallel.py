@@ -71,6 +71,11 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+# torch ≥ 2.13 renames the tensor-in/tensor-out collectives; older versions only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _Max:
     """Marks a group for a MAX reduction in :func:`_all_reduce` (keeps one helper)."""
 
@@ -81,14 +86,14 @@ class _Max:
 def _gather_dim0(x: torch.Tensor, group, n: int) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_single(out, x, group=group)
     return out
 
 
 def _reduce_scatter_dim0(x: torch.Tensor, group, n: int) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x, group=group)
+    _reduce_scatter_single(out, x, group=group)
     return out
 
 
@@ -331,7 +336,7 @@ class FlatOptimizer:
             bucket = self.grad_buf[s:e]
             if self.zero >= 1:
                 out = torch.empty(oe - os_, dtype=bucket.dtype, device=bucket.device)
-                dist.reduce_scatter_tensor(out, bucket, group=self.groups.dp_group)
+                _reduce_scatter_single(out, bucket, group=self.groups.dp_group)
                 self.grad_buf[os_:oe].copy_(out)
             else:
                 dist.all_reduce(bucket, group=self.groups.dp_group)
@@ -362,7 +367,7 @@ class FlatOptimizer:
         if self.zero < 1 or self.dp == 1:
             return
         for (s, e), (os_, oe) in zip(self.buckets, self.owned):
-            dist.all_gather_into_tensor(self.param_buf[s:e], self.param_buf[os_:oe].clone(),
+            _all_gather_single(self.param_buf[s:e], self.param_buf[os_:oe].clone(),
                                         group=self.groups.dp_group)
 
 
