@@ -465,37 +465,39 @@ def run_probe(probe: Probe, argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> int:
-    world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
+def probe_context(probe: Probe, args: argparse.Namespace, world: World) -> Context:
+    """The probe's view of the world: its grid, the layout's config and the dtype."""
     if probe.layout_matches_world:
         grid = make_grid(args, world.world_size)
         cfg = layout_config(args, world.world_size)
     else:  # a per-rank shard: --tp/--pp/--dp describe the layout, not this world
         grid = Grid(tp=1, pp=1, dp=world.world_size)
         cfg = layout_config(args, world_size=None)
-    if cfg is not None and args.dtype is None:
-        args.dtype = cfg.model.dtype
     if args.dtype is None:
-        args.dtype = "fp32"
-    ctx = Context(args=args, world=world, cfg=cfg, grid=grid)
-    writer = None
-    if world.rank == 0:
-        out = args.out or str(results.default_out_dir(probe.name))
-        writer = results.RunWriter(out, build_manifest(probe, ctx, argv))
-        ctx.writer = writer
-    timer = Timer(world)
+        args.dtype = cfg.model.dtype if cfg is not None else "fp32"
+    return Context(args=args, world=world, cfg=cfg, grid=grid)
+
+
+def run_cases(probe: Probe, ctx: Context, timer: Timer, *, header: bool = True) -> list[dict[str, Any]]:
+    """Measure every case of ``probe`` on every rank, writing rows as they end (rank 0).
+
+    A failure inside a case that may have left a collective stuck ends the process (see
+    :func:`fail_fast`); rows already written stay on disk.
+    """
+    args, world, writer = ctx.args, ctx.world, ctx.writer
+    show = writer is not None and not args.quiet
     rows: list[dict[str, Any]] = []
     current = "setup"
     try:
         cases = list(probe.cases(ctx))
-        if world.rank == 0 and not args.quiet:
+        if show and header:
             print(f"# {probe.name}: world {world.world_size} ({world.ranks_per_node} ranks/node, "
                   f"{world.num_nodes} node(s)), backend {world.backend}, device {world.device_kind}, "
                   f"launcher {world.launcher}, dtype {args.dtype}, timing {timer.method}")
-            if cfg is not None:
-                lay = cfg.parallel  # the layout (the grid itself for collective probes)
-                print(f"# model {cfg.model.name}: tp {lay.tp} pp {lay.pp} dp {lay.dp} "
-                      f"mbs {cfg.parallel.micro_batch} seq {cfg.model.seq_len}")
+            if ctx.cfg is not None:
+                lay = ctx.cfg.parallel  # the layout (the grid itself for collective probes)
+                print(f"# model {ctx.cfg.model.name}: tp {lay.tp} pp {lay.pp} dp {lay.dp} "
+                      f"mbs {lay.micro_batch} seq {ctx.cfg.model.seq_len}")
             print(header_line(probe), flush=True)
         fault = _fault_injection(world.rank)
         for i, case in enumerate(cases):
@@ -504,42 +506,62 @@ def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> in
             current = case.name
             row = measure_case(probe, ctx, case, timer)
             rows.append(row)
-            if writer is not None:
-                writer.write_row(row)
-                if not args.quiet:
-                    print(format_row(probe, row), flush=True)
-                    if row.get("warning"):
-                        print(f"#   unstable: {row['warning'].split(';')[0]}", flush=True)
-                    if row.get("status") != "ok":
-                        print(f"#   {row['status']}: {row.get('reason')}", flush=True)
+            _emit(probe, ctx, row, show=show)
     except UsageError:
         raise
     except Exception as e:
-        msg = (f"error: {probe.module}: rank {world.rank} on {world.hostname}: case {current} "
-               f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-               f"(a peer may have died or hung; group timeout {world.timeout_s:g} s)")
-        print(msg, file=sys.stderr, flush=True)
-        if os.environ.get("MICROBENCH_DEBUG"):
-            traceback.print_exc()
-        if writer is not None:
-            writer.write_row({"probe": probe.name, "case": current, "status": "failed", "reason": msg})
-            writer.close(status="failed")
-        sys.stdout.flush()
-        os._exit(1)  # a collective may be stuck: never wait on a destroy that can hang
+        fail_fast(probe.module, ctx, current, e)
     for derived in probe.finish(ctx, rows):
         row = {"probe": probe.name, "status": "ok", **derived}
         rows.append(row)
-        if writer is not None:
-            writer.write_row(row)
-            if not args.quiet:
-                print(format_row(probe, row), flush=True)
-                if row.get("note"):
-                    print(f"#   {row['note']}", flush=True)
-    if writer is not None:
+        _emit(probe, ctx, row, show=show, derived=True)
+    return rows
+
+
+def _emit(probe: Probe, ctx: Context, row: dict[str, Any], *, show: bool, derived: bool = False) -> None:
+    if ctx.writer is None:
+        return
+    ctx.writer.write_row(row)
+    if show:
+        print(format_row(probe, row), flush=True)
+        if row.get("warning"):
+            print(f"#   unstable: {row['warning'].split(';')[0]}", flush=True)
+        if row.get("status") != "ok":
+            print(f"#   {row['status']}: {row.get('reason')}", flush=True)
+        elif derived and row.get("note"):
+            print(f"#   {row['note']}", flush=True)
+
+
+def fail_fast(module: str, ctx: Context, case: str, exc: BaseException) -> None:
+    """Name the rank, host, probe and case, keep the rows, and exit without waiting on peers."""
+    world = ctx.world
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    msg = (f"error: {module}: rank {world.rank} on {world.hostname}: case {case} failed: "
+           f"{type(exc).__name__}: {text} (a peer may have died or hung; group timeout "
+           f"{world.timeout_s:g} s)")
+    print(msg, file=sys.stderr, flush=True)
+    if os.environ.get("MICROBENCH_DEBUG"):
+        traceback.print_exc()
+    if ctx.writer is not None:
+        ctx.writer.write_row({"probe": module.rsplit(".", 1)[-1], "case": case, "status": "failed",
+                              "reason": msg})
+        ctx.writer.close(status="failed")
+    sys.stdout.flush()
+    os._exit(1)  # a collective may be stuck: never wait on a destroy that can hang
+
+
+def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
+    ctx = probe_context(probe, args, world)
+    if world.rank == 0:
+        out = args.out or str(results.default_out_dir(probe.name))
+        ctx.writer = results.RunWriter(out, build_manifest(probe, ctx, argv))
+    rows = run_cases(probe, ctx, Timer(world))
+    if ctx.writer is not None:
         footer(probe, rows)
-        writer.close(status="ok")
+        ctx.writer.close(status="ok")
         if not args.quiet:
-            print(f"# rows: {writer.dir / results.ROWS}")
+            print(f"# rows: {ctx.writer.dir / results.ROWS}")
     import torch.distributed as dist
     dist.barrier(group=world.control)
     dist.destroy_process_group()
