@@ -23,6 +23,8 @@ from .runtime import UsageError
 from .config import dtype_bytes, with_layout
 from .workload import workload
 
+# DeepSpeed's reduce bucket as the DP probes default to it: 3e7 elements of gradient.
+DS_REDUCE_BUCKET_ELEMENTS = 30_000_000
 MANTISSA_BITS = {"bf16": 8, "fp16": 11, "fp32": 24, "fp64": 53, "int32": 31, "int64": 63}
 
 
@@ -71,8 +73,9 @@ class CollectiveProbe(Probe):
         """S must be a multiple of this many elements (n for allgather/reduce-scatter)."""
         return 1
 
-    def model_elements(self, ctx: Context) -> tuple[str, int]:
-        """(op name, S in elements) of this collective in the model's step."""
+    def model_elements(self, ctx: Context) -> tuple:
+        """(op name, S in elements) of this collective in the model's step, or
+        (op name, S, dtype) where the workload fixes the dtype (DP gradients)."""
         raise UsageError(f"{self.name} has no model mode")
 
     def make_buffers(self, ctx: Context, case: Case, *, seed: int, inplace: bool) -> Any:
@@ -115,12 +118,14 @@ class CollectiveProbe(Probe):
         n = len(mine)
         active_groups = groups if args.groups == "all" else groups[:1]
         active = mine in active_groups
-        el = dtype_bytes(args.dtype)
+        dtype = args.dtype
         mult = self.elements_multiple(n)
         if ctx.cfg is not None:
-            op, elements = self.model_elements(ctx)
-            counts = [(op, elements)]
+            op, elements, *fixed = self.model_elements(ctx)
+            dtype = fixed[0] if fixed else dtype
+            counts = [(op, max(elements // mult, 1) * mult)]
         else:
+            el = dtype_bytes(dtype)
             counts = []
             for size in self.sizes(args):
                 c = max(size // el // mult, 1) * mult
@@ -129,8 +134,9 @@ class CollectiveProbe(Probe):
         places = ("out", "in") if args.place == "both" else (args.place,)
         for op, count in counts:
             for place in places:
+                el = dtype_bytes(dtype)
                 fields = {"kind": self.kind, "op": op, "count": count, "size_bytes": count * el,
-                          "dtype": args.dtype, "redop": self.redop, "place": place,
+                          "dtype": dtype, "redop": self.redop, "place": place,
                           "in_place": place == "in",
                           **ctx.placement(axis, mine, len(active_groups))}
                 if n == 1:
@@ -139,9 +145,6 @@ class CollectiveProbe(Probe):
 
     def group(self, ctx: Context, case: Case):
         return ctx.world.group(case.group_ranks)
-
-    def setup(self, ctx: Context, case: Case, *, seed: int) -> Any:
-        return self.make_buffers(ctx, case, seed=seed, inplace=case.fields["in_place"])
 
     def metrics(self, ctx: Context, case: Case, time_s: float) -> dict[str, Any]:
         n = case.fields["group_size"]
@@ -154,6 +157,55 @@ class CollectiveProbe(Probe):
     def group_index(self, case: Case, rank: int) -> int:
         return case.group_ranks.index(rank)
 
+    # -- the same collective through mpi4py (--backend mpi4py) -----------------------------
+    def call(self, ctx: Context, case: Case, state: Any) -> None:
+        if ctx.world.backend != "mpi4py":
+            return self.run(ctx, case, state)
+        from mpi4py import MPI
+        comm, send, recv = state["mpi"]
+        fn = getattr(comm, MPI_CALLS[self.kind])
+        fn(MPI.IN_PLACE if case.fields["in_place"] else send, recv)
+
+    def setup(self, ctx: Context, case: Case, *, seed: int) -> Any:
+        state = self.make_buffers(ctx, case, seed=seed, inplace=case.fields["in_place"])
+        if ctx.world.backend == "mpi4py":
+            if self.kind not in MPI_CALLS or (self.kind == "reduce_scatter" and case.fields["in_place"]):
+                raise Skip(f"no mpi4py path for {'in-place ' if case.fields['in_place'] else ''}{self.kind}")
+            state["mpi"] = (mpi_comm(ctx, case.group_ranks), mpi_buffer(state["send"]),
+                            mpi_buffer(state["recv"]))
+        return state
+
+
+MPI_CALLS = {"allreduce": "Allreduce", "allgather": "Allgather",
+             "reduce_scatter": "Reduce_scatter_block", "alltoall": "Alltoall"}
+
+
+def mpi_comm(ctx: Context, ranks: list[int]):
+    """An MPI communicator over ``ranks`` (cached); collective over the members only
+    (``Create_group``), so idle ranks of ``--groups one`` need not take part."""
+    cache = ctx.extra.setdefault("mpi_comms", {})
+    key = tuple(ranks)
+    if key not in cache:
+        world = ctx.world.mpi_comm
+        cache[key] = world.Create_group(world.Get_group().Incl(list(key)))
+    return cache[key]
+
+
+def mpi_buffer(t):
+    """A buffer mpi4py can read: a host tensor as numpy (shared memory), a device tensor
+    as itself (DLPack) where the MPI library is GPU-aware."""
+    import torch
+    if t.dtype == torch.bfloat16:
+        raise Skip("MPI has no bfloat16 datatype: compare with -d fp32 (or fp16)")
+    if t.device.type == "cpu":
+        return t.numpy()
+    from mpi4py import MPI
+    query = getattr(MPI, "Query_cuda_support", None) if t.device.type == "cuda" else None
+    if query is None or not query():
+        raise Skip(f"the MPI library is not {t.device.type}-aware here: use --device cpu "
+                   "for host buffers")
+    return t
+
 
 def tp_activation_elements(ctx: Context) -> tuple[str, int]:
     """The TP allreduce of [mbs·s, d] from the workload (sequence parallelism switched off,
@@ -165,3 +217,32 @@ def tp_activation_elements(ctx: Context) -> tuple[str, int]:
             return c.name, c.elements
     # tp == 1 in the layout: the message is the same shape, there is just nobody to talk to.
     return "tp_allreduce", w.activation_elements
+
+
+def dp_bucket_elements(ctx: Context, bucket_mb: float | None, dtype: str) -> int:
+    """Elements of one DP bucket: ``--bucket-mb`` MiB of ``dtype``, else DeepSpeed's 3e7."""
+    if bucket_mb is None:
+        return DS_REDUCE_BUCKET_ELEMENTS
+    return max(1, int(bucket_mb * (1 << 20)) // dtype_bytes(dtype))
+
+
+def dp_collectives(ctx: Context, *, zero: int | None = None):
+    """The workload's DP sync of one step (allreduce, or ZeRO-1 reduce-scatter + allgather)."""
+    cfg = ctx.cfg
+    if zero is not None and zero != min(cfg.parallel.zero_stage, 1):
+        cfg = with_layout(cfg, zero_stage=zero)
+    w = workload(cfg)
+    if not w.dp:
+        raise UsageError(f"the layout has dp = {cfg.parallel.dp}: no DP gradient sync to measure "
+                         "(give --dp ≥ 2)")
+    return w
+
+
+def sp_elements(ctx: Context, kind: str) -> tuple[str, int]:
+    """The sequence-parallel TP collective of ``kind`` (allgather or reduce_scatter) of one
+    layer from the workload with sequence parallelism switched on: S = [mbs·s, d]."""
+    w = workload(with_layout(ctx.cfg, sequence_parallel=True))
+    for c in w.collectives:
+        if c.kind == kind:
+            return c.name, c.elements
+    return f"tp_{kind}", w.activation_elements  # tp == 1: same shape, nobody to talk to

@@ -1,0 +1,72 @@
+"""Allgather probe: Megatron's sequence-parallel gather of [mbs·s, d] over TP, the ZeRO-1
+parameter allgather of one DP bucket, or an nccl-tests size sweep.
+
+    mpiexec -n 2 python -m microbench.allgather -b 1K -e 16M -f 4
+    mpiexec -n 4 python -m microbench.allgather --model alcf-1t --tp 2 --dp 2            # tp_allgather
+    mpiexec -n 4 python -m microbench.allgather --model alcf-1t --tp 2 --dp 2 --axis dp  # dp_allgather
+
+S is the full *output* (nccl-tests); each rank contributes S/n; busbw = algbw·(n−1)/n.
+Bounded by the group's links for large S, by latency for small. "in" gathers into the
+output buffer from the rank's own slice of it, as torch and NCCL allow.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .collective import (CollectiveProbe, count_wrong, dp_bucket_elements, dp_collectives,
+                         pattern, sp_elements)
+from .harness import Case, Context, main_for, torch_dtype
+
+
+class AllGather(CollectiveProbe):
+    name = "allgather"
+    module = "microbench.allgather"
+    kind = "allgather"
+    redop = "none"
+    description = __doc__.splitlines()[0]
+
+    def add_args(self, p: argparse.ArgumentParser) -> None:
+        super().add_args(p)
+        p.add_argument("--bucket-mb", type=float, default=None,
+                       help="--axis dp: bucket size in MiB (default: 3e7 elements, DeepSpeed's)")
+
+    def elements_multiple(self, n: int) -> int:
+        return n
+
+    def model_elements(self, ctx: Context) -> tuple:
+        if self.axis(ctx) == "dp":  # ZeRO-1: the updated bf16 parameters of one bucket
+            op = next(c for c in dp_collectives(ctx, zero=1).dp if c.kind == "allgather")
+            return op.name, min(op.elements, dp_bucket_elements(ctx, ctx.args.bucket_mb, op.dtype)), op.dtype
+        return sp_elements(ctx, "allgather")
+
+    def make_buffers(self, ctx: Context, case: Case, *, seed: int, inplace: bool) -> Any:
+        import torch
+        n, count, dt = len(case.group_ranks), case.fields["count"], case.fields["dtype"]
+        chunk, idx = count // n, self.group_index(case, ctx.rank)
+        recv = torch.empty(count, dtype=torch_dtype(dt), device=ctx.device)
+        mine = pattern(chunk, rank=idx, seed=seed, dtype=dt, device=ctx.device)
+        if inplace:
+            send = recv.narrow(0, idx * chunk, chunk)
+            send.copy_(mine)
+        else:
+            send = mine
+        return {"send": send, "recv": recv, "seed": seed, "group": self.group(ctx, case)}
+
+    def run(self, ctx: Context, case: Case, state: Any) -> None:
+        import torch.distributed as dist
+        # all_gather_single (torch ≥ 2.10) is all_gather_into_tensor renamed
+        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        fn(state["recv"], state["send"], group=state["group"])
+
+    def check(self, ctx: Context, case: Case, state: Any) -> tuple[int, int]:
+        import torch
+        n, count, dt = len(case.group_ranks), case.fields["count"], case.fields["dtype"]
+        chunk = count // n
+        expected = torch.cat([pattern(chunk, rank=r, seed=state["seed"], dtype="fp64", device=ctx.device)
+                              for r in range(n)])
+        return count_wrong(state["recv"], expected, dtype=dt, terms=1), count
+
+
+if __name__ == "__main__":
+    main_for(AllGather())
