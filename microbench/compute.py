@@ -100,6 +100,8 @@ class Work:
 
     run: Callable[[], Any]
     check: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    output: Any = None
+    """The result buffer where there is a fixed one (for tests)."""
 
 
 class ComputeProbe(Probe):

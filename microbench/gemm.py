@@ -71,7 +71,7 @@ def gemm_work(f: dict[str, Any], *, seed: int, device, check_rows: int = 16, che
         wrong = count_not_close(c[:r, :q], a64 @ b64, dtype=f["dtype"],
                                 bound=a64.abs() @ b64.abs(), terms=f["k"])
         return wrong, r * q
-    return Work(lambda: torch.mm(a, b, out=c), check)
+    return Work(lambda: torch.mm(a, b, out=c), check, output=c)
 
 
 class Gemm(ComputeProbe):
