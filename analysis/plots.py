@@ -1,0 +1,303 @@
+"""Plots of probe results and predictions; every function returns a matplotlib Figure.
+
+Used by :mod:`analysis.report` and reusable from notebooks. Figures are built with
+``matplotlib.figure.Figure`` (no pyplot state), so they work under any backend and a
+report can draw hundreds without leaking memory; ``fig.savefig(path)`` writes a PNG.
+
+Every plot has labelled axes with units, a legend and a title; message sizes are on a
+log-2 axis, as nccl-tests sweeps them. Rows come from :func:`analysis.load`; several runs
+in one frame are overlaid, each labelled by :func:`run_label` (host/device/run_id).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from .fits import Fit, fit_alpha_beta
+from .profile import bus_factor
+
+COLLECTIVE_KINDS = ("allreduce", "allgather", "reduce_scatter", "alltoall", "broadcast", "reduce",
+                    "sendrecv")
+GROUP_KEYS = ("kind", "axis", "group_size", "num_groups", "crosses_nodes")
+FIGSIZE = (8.0, 5.0)  # inches; 100 dpi PNG, readable on a laptop screen
+
+
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"].fillna("ok") == "ok"] if "status" in df.columns else df
+
+
+def _col(df: pd.DataFrame, name: str, default: Any = None) -> pd.Series:
+    return df[name] if name in df.columns else pd.Series(default, index=df.index, dtype=object)
+
+
+def time_s(df: pd.DataFrame) -> pd.Series:
+    """The row's reported statistic in seconds (``time_us``, else ``time_us_median``)."""
+    t = _col(df, "time_us").astype(float)
+    if "time_us_median" in df.columns:
+        t = t.fillna(df["time_us_median"].astype(float))
+    return t * 1e-6
+
+
+def run_label(df: pd.DataFrame) -> pd.Series:
+    """host/device/run_id per row: how runs are told apart in legends."""
+    host = _col(df, "run_hostname", "?").fillna("?").astype(str)
+    dev = _col(df, "run_device", "?").fillna(_col(df, "device", "?")).fillna("?").astype(str)
+    rid = _col(df, "run_id", "?").fillna("?").astype(str)
+    return host + "/" + dev + "/" + rid
+
+
+def _runs(df: pd.DataFrame) -> pd.Series:
+    """The ``_run`` column a caller set (e.g. the report, one label per run directory), else
+    :func:`run_label`."""
+    return df["_run"] if "_run" in df.columns else run_label(df)
+
+
+def format_bytes(v: float) -> str:
+    """1024 → '1 KiB' (binary prefixes, as the probes' -b/-e sizes are given)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(v) < 1024 or unit == "TiB":
+            return f"{v:.4g} {unit}"
+        v /= 1024
+    return f"{v:.4g}"
+
+
+def _group_label(key: Mapping[str, Any]) -> str:
+    x = " inter-node" if bool(key.get("crosses_nodes")) else ""
+    return f"{key['axis']} n={int(key['group_size'])} ×{int(key['num_groups'])} groups{x}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives
+
+def collective_rows(df: pd.DataFrame, kind: str | None = None) -> pd.DataFrame:
+    """OK collective rows of groups larger than one (a group of one has no bus bandwidth),
+    with group keys filled (axis 'world', one group, intra-node when a probe left them out);
+    out-of-place rows when a sweep has both, so each size is one point."""
+    c = _ok(df)
+    c = c[_col(c, "kind").isin([kind] if kind else COLLECTIVE_KINDS)]
+    if c.empty:
+        return c
+    c = c.assign(axis=_col(c, "axis", "world").fillna("world"),
+                 group_size=_col(c, "group_size", 1).fillna(1).astype(int),
+                 num_groups=_col(c, "num_groups", 1).fillna(1).astype(int),
+                 crosses_nodes=_col(c, "crosses_nodes", False).fillna(False).astype(bool),
+                 _t_s=time_s(c), _run=_runs(c))
+    c = c[(c["group_size"] > 1) & c["size_bytes"].notna() & (c["_t_s"] > 0)]
+    if "in_place" in c.columns:
+        inplace = c["in_place"].fillna(False).astype(bool)
+        has_out = (~inplace).groupby([c["_run"], c["kind"], c["axis"], c["group_size"],
+                                      c["num_groups"]]).transform("any")
+        c = c[~(inplace & has_out)]
+    return c
+
+
+def collective_fits(df: pd.DataFrame, kind: str | None = None) -> pd.DataFrame:
+    """One row per run and group: α–β fit (analysis.fits) and the best measured bus bandwidth."""
+    c = collective_rows(df, kind)
+    out = []
+    for key, g in c.groupby(["_run", *GROUP_KEYS], sort=True):
+        k = dict(zip(["run", *GROUP_KEYS], key))
+        fit = fit_alpha_beta(g["size_bytes"].astype(float), g["_t_s"])
+        f = bus_factor(k["kind"], int(k["group_size"]))
+        bus = g["busbw_gbps"].astype(float) if "busbw_gbps" in g.columns else \
+            f * g["size_bytes"].astype(float) / g["_t_s"] / 1e9
+        out.append({**k, "num_points": len(g), "min_bytes": int(g["size_bytes"].min()),
+                    "max_bytes": int(g["size_bytes"].max()), "alpha_us": fit.alpha_s * 1e6,
+                    "fit_busbw_gbps": f * fit.bandwidth_gbps if fit.beta_s_per_byte > 0 else float("nan"),
+                    "max_busbw_gbps": float(bus.max()), "fit_residual_pct": 100 * fit.residual_rel,
+                    "_fit": fit})
+    return pd.DataFrame(out)
+
+
+def busbw_vs_size(df: pd.DataFrame, kind: str, *, fit: bool = True) -> Figure:
+    """Bus bandwidth (GB/s, nccl-tests convention) against message size S for one collective
+    kind: one series per run and group (axis, group size, concurrent groups), markers for the
+    measurements and a dashed line for the α–β fit t = α + β·S, drawn as busbw = factor·S/t."""
+    c = collective_rows(df, kind)
+    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    ax = fig.add_subplot()
+    fits = collective_fits(df, kind).set_index(["run", *GROUP_KEYS]) if fit and not c.empty else None
+    many_runs = c["_run"].nunique() > 1 if not c.empty else False
+    for key, g in c.groupby(["_run", *GROUP_KEYS], sort=True):
+        k = dict(zip(["run", *GROUP_KEYS], key))
+        g = g.sort_values("size_bytes")
+        x = g["size_bytes"].astype(float).to_numpy()
+        f = bus_factor(kind, int(k["group_size"]))
+        y = g["busbw_gbps"].astype(float).to_numpy() if "busbw_gbps" in g.columns and \
+            g["busbw_gbps"].notna().all() else f * x / g["_t_s"].to_numpy() / 1e9
+        label = (f"{k['run']}: " if many_runs else "") + _group_label(k)
+        (line,) = ax.plot(x, y, marker="o", linestyle="-", linewidth=1, label=label)
+        if fits is not None:
+            ft: Fit = fits.loc[tuple(key), "_fit"]
+            xs = np.geomspace(x.min(), x.max(), 64)
+            asym = f"busbw∞={f * ft.bandwidth_gbps:.3g} GB/s" if ft.beta_s_per_byte > 0 else \
+                "β=0 (latency-bound sweep)"
+            ax.plot(xs, f * xs / np.array([ft.time_s(s) for s in xs]) / 1e9, linestyle="--",
+                    color=line.get_color(), linewidth=1.2,
+                    label=f"α–β fit: α={ft.alpha_s * 1e6:.3g} µs, {asym}")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_bytes(v)))
+    ax.set_xlabel("message size S (bytes, log scale)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title(f"{kind}: bus bandwidth vs message size")
+    ax.grid(True, which="both", alpha=0.3)
+    if c.empty:
+        ax.text(0.5, 0.5, f"no {kind} rows with a group of more than one rank",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.plot([], [], label="no data")
+    ax.legend(fontsize="small")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMMs
+
+def gemm_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """OK GEMM rows of the workload (the peak reference GEMM left out)."""
+    g = _ok(df)
+    g = g[(_col(g, "kind") == "gemm") & (_col(g, "op").fillna("") != "peak")]
+    g = g[g["tflops"].notna()] if "tflops" in g.columns else g.iloc[0:0]
+    return g.assign(_run=_runs(g), phase=_col(g, "phase", "fwd").fillna("fwd"))
+
+
+def gemm_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per run, op and phase: shape, TFLOP/s, % of measured peak and % of spec peak."""
+    g = gemm_rows(df)
+    cols = ["_run", "op", "phase", "m", "n", "k", "batch", "dtype", "tflops", "pct_peak", "pct_spec_peak"]
+    return g[[c for c in cols if c in g.columns]].rename(columns={"_run": "run"}).reset_index(drop=True)
+
+
+def gemm_tflops(df: pd.DataFrame, *, measured_peak: Mapping[str, float] | None = None,
+                spec_peak: Mapping[str, float] | None = None) -> Figure:
+    """Achieved TFLOP/s (2·m·n·k·batch / t) of every workload GEMM, grouped by op and phase, one
+    bar per run; horizontal lines at each run's measured peak (the large square GEMM) and at
+    the spec peak where known. ``measured_peak``/``spec_peak``: TFLOP/s by run label."""
+    g = gemm_rows(df)
+    fig = Figure(figsize=(max(8.0, 0.45 * max(1, g[["op", "phase"]].drop_duplicates().shape[0]) + 3), 5.0),
+                 layout="constrained")
+    ax = fig.add_subplot()
+    if g.empty:
+        ax.text(0.5, 0.5, "no GEMM rows", ha="center", va="center", transform=ax.transAxes)
+        ax.bar([], [], label="no data")
+    else:
+        order = {"fwd": 0, "dgrad": 1, "wgrad": 2, "recompute": 3}
+        cats = (g[["op", "phase"]].drop_duplicates()
+                .assign(_o=lambda d: d["phase"].map(order).fillna(9))
+                .sort_values(["op", "_o"]).drop(columns="_o"))
+        names = [f"{o}\n{p}" for o, p in zip(cats["op"], cats["phase"])]
+        runs = sorted(g["_run"].unique())
+        width = 0.8 / len(runs)
+        x = np.arange(len(names))
+        for i, r in enumerate(runs):
+            sub = g[g["_run"] == r].groupby(["op", "phase"])["tflops"].median()
+            y = [sub.get((o, p), np.nan) for o, p in zip(cats["op"], cats["phase"])]
+            bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, y, width, label=f"{r} GEMMs")
+            color = bars.patches[0].get_facecolor() if bars.patches else None
+            if measured_peak and r in measured_peak and measured_peak[r]:
+                ax.axhline(measured_peak[r], color=color, linestyle="--", linewidth=1.2,
+                           label=f"{r} measured peak {measured_peak[r]:.3g} TFLOP/s")
+            if spec_peak and r in spec_peak and spec_peak[r]:
+                ax.axhline(spec_peak[r], color=color, linestyle=":", linewidth=1.5,
+                           label=f"{r} spec peak {spec_peak[r]:.3g} TFLOP/s")
+        ax.set_xticks(x, names, fontsize="small")
+    ax.set_xlabel("GEMM (op, phase)")
+    ax.set_ylabel("achieved TFLOP/s per rank (2·m·n·k / t)")
+    ax.set_title("Workload GEMMs: achieved TFLOP/s vs peak")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions
+
+def step_breakdown(predictions: Mapping[str, Any]) -> Figure:
+    """Stacked bar of the predicted step time by component (analysis.predict.COMPONENTS),
+    one bar per prediction; ``predictions``: label → :class:`analysis.predict.Prediction`."""
+    from .predict import COMPONENTS
+    fig = Figure(figsize=(max(6.0, 2.2 * len(predictions) + 3), 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    labels = list(predictions)
+    bottom = np.zeros(len(labels))
+    cmap = [f"C{i % 10}" for i in range(len(COMPONENTS))]
+    hatches = ["", "", "", "", "", "", "", "", "", "", "//"]
+    for j, comp in enumerate(COMPONENTS):
+        vals = np.array([predictions[k].breakdown_s.get(comp, 0.0) for k in labels])
+        if not np.any(vals > 0):
+            continue
+        ax.bar(range(len(labels)), vals, 0.6, bottom=bottom, label=comp, color=cmap[j],
+               hatch=hatches[j % len(hatches)])
+        bottom += vals
+    for i, k in enumerate(labels):
+        ax.text(i, bottom[i], f"{predictions[k].step_time_s:.3g} s", ha="center", va="bottom",
+                fontsize="small")
+    ax.set_xticks(range(len(labels)), [_wrap(k) for k in labels], fontsize="small")
+    ax.set_xlabel("profile (measured run, or specification)")
+    ax.set_ylabel("predicted step time (s)")
+    first = next(iter(predictions.values()), None)
+    what = "" if first is None else f" — {first.config.model.name}, " \
+        f"tp {first.config.parallel.tp} × pp {first.config.parallel.pp} × dp {first.config.parallel.dp}"
+    ax.set_title(f"Predicted step-time breakdown{what}")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(True, axis="y", alpha=0.3)
+    return fig
+
+
+def _wrap(s: str, width: int = 22) -> str:
+    return "\n".join(s[i:i + width] for i in range(0, len(s), width))
+
+
+def predicted_vs_measured(table: pd.DataFrame) -> Figure:
+    """Scatter of predicted against measured step time with the y = x line and ±20 % band;
+    ``table`` columns: ``label``, ``measured_s``, ``predicted_s``."""
+    fig = Figure(figsize=(6.5, 6.0), layout="constrained")
+    ax = fig.add_subplot()
+    if table.empty:
+        ax.text(0.5, 0.5, "no cross-check data", ha="center", va="center", transform=ax.transAxes)
+        ax.plot([], [], label="no data")
+    else:
+        for lab, g in table.groupby("label", sort=False):
+            ax.scatter(g["measured_s"], g["predicted_s"], label=str(lab), s=40, zorder=3)
+        lo = float(min(table["measured_s"].min(), table["predicted_s"].min())) * 0.7
+        hi = float(max(table["measured_s"].max(), table["predicted_s"].max())) * 1.4
+        xs = np.geomspace(lo, hi, 16)
+        ax.plot(xs, xs, color="k", linewidth=1, label="predicted = measured")
+        ax.fill_between(xs, xs * 0.8, xs * 1.2, color="k", alpha=0.08, label="±20 %")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured step time (s, log scale)")
+    ax.set_ylabel("predicted step time (s, log scale)")
+    ax.set_title("Predicted vs measured step time")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def projection(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
+    """FOM and step time against node count (analysis.project rows), one line per profile."""
+    fig = Figure(figsize=(11.0, 4.8), layout="constrained")
+    ax_t, ax_f = fig.subplots(1, 2)
+    for label, rows in tables.items():
+        ok = [r for r in rows if "error" not in r]
+        if not ok:
+            continue
+        n = [r["nodes"] for r in ok]
+        ax_t.plot(n, [r["step_time_s"] for r in ok], marker="o", label=label)
+        ax_f.plot(n, [r["fom"] for r in ok], marker="o", label=label)
+    for ax, what, unit in ((ax_t, "step time", "s"), (ax_f, "FOM", "(6sd²+s²d)·b·L / T, 1/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("nodes (log scale; dp grows, tp × pp fixed)")
+        ax.set_ylabel(f"{what} ({unit})")
+        ax.set_title(f"Projected {what} vs node count")
+        ax.grid(True, which="both", alpha=0.3)
+        if not ax.lines:
+            ax.plot([], [], label="no data")
+        ax.legend(fontsize="small")
+    return fig
