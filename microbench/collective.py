@@ -55,6 +55,30 @@ def count_wrong(got, expected, *, dtype: str, terms: int) -> int:
     return int((diff > tol).sum().item())
 
 
+def add_size_args(p: argparse.ArgumentParser) -> None:
+    """nccl-tests' sweep flags (used when no --model gives the size)."""
+    p.add_argument("-b", "--minbytes", default="1K", help="smallest size (K/M/G suffixes)")
+    p.add_argument("-e", "--maxbytes", default="16M", help="largest size")
+    p.add_argument("-f", "--stepfactor", type=float, default=2.0, help="size multiplication factor")
+
+
+def validate_sizes(args: argparse.Namespace) -> None:
+    args.minbytes_i = parse_size(args.minbytes)
+    args.maxbytes_i = parse_size(args.maxbytes)
+    if args.maxbytes_i < args.minbytes_i:
+        raise UsageError(f"-e {args.maxbytes} is smaller than -b {args.minbytes}")
+    if not args.stepfactor > 1:
+        raise UsageError(f"-f {args.stepfactor}: the step factor must be > 1")
+
+
+def sweep_sizes(args: argparse.Namespace) -> list[int]:
+    out, s = [], float(args.minbytes_i)
+    while s <= args.maxbytes_i * (1 + 1e-9):
+        out.append(int(s))
+        s *= args.stepfactor
+    return out
+
+
 class CollectiveProbe(Probe):
     kind = "allreduce"
     footer_metric = "busbw_gbps"
@@ -83,9 +107,7 @@ class CollectiveProbe(Probe):
 
     # -- shared -----------------------------------------------------------------------------
     def add_args(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("-b", "--minbytes", default="1K", help="smallest size (K/M/G suffixes)")
-        p.add_argument("-e", "--maxbytes", default="16M", help="largest size")
-        p.add_argument("-f", "--stepfactor", type=float, default=2.0, help="size multiplication factor")
+        add_size_args(p)
         p.add_argument("--axis", default=None, choices=("tp", "dp", "pp", "world"),
                        help="which groups of the rank grid (default: tp with --model, else world)")
         p.add_argument("--groups", default="all", choices=("all", "one"),
@@ -94,19 +116,10 @@ class CollectiveProbe(Probe):
                        help="in-place, out-of-place or both")
 
     def validate(self, args: argparse.Namespace) -> None:
-        args.minbytes_i = parse_size(args.minbytes)
-        args.maxbytes_i = parse_size(args.maxbytes)
-        if args.maxbytes_i < args.minbytes_i:
-            raise UsageError(f"-e {args.maxbytes} is smaller than -b {args.minbytes}")
-        if not args.stepfactor > 1:
-            raise UsageError(f"-f {args.stepfactor}: the step factor must be > 1")
+        validate_sizes(args)
 
     def sizes(self, args: argparse.Namespace) -> list[int]:
-        out, s = [], float(args.minbytes_i)
-        while s <= args.maxbytes_i * (1 + 1e-9):
-            out.append(int(s))
-            s *= args.stepfactor
-        return out
+        return sweep_sizes(args)
 
     def axis(self, ctx: Context) -> str:
         return ctx.args.axis or ("tp" if ctx.cfg is not None else "world")
