@@ -32,6 +32,16 @@ def load_run(run_dir: str | os.PathLike) -> pd.DataFrame:
         if isinstance(value, (dict, list)):
             value = json.dumps(value)
         df[f"run_{key}"] = value
+    # Measured device peaks (the peak probe's manifest fields), per row dtype where known.
+    peaks = manifest.get("peak_tflops")
+    if isinstance(peaks, dict) and peaks:
+        best = max(peaks.values())
+        dtypes = df["dtype"] if "dtype" in df.columns else pd.Series([None] * len(df))
+        df["run_peak_tflops"] = [peaks.get(d, best) if isinstance(d, str) else best for d in dtypes]
+    elif isinstance(peaks, (int, float)):
+        df["run_peak_tflops"] = float(peaks)
+    if isinstance(manifest.get("peak_gbps"), (int, float)):
+        df["run_peak_gbps"] = float(manifest["peak_gbps"])
     df["run_dir"] = str(run_dir)
     return df
 

@@ -339,13 +339,14 @@ class MeasuredProfile(SystemProfile):
             raise ValueError("MeasuredProfile.from_rows: no rows with status 'ok'")
         if isinstance(fallback, str):
             fallback = SpecProfile.from_yaml(fallback)
+        own_node = fallback is None
         if fallback is None:
             fallback = _minimal_spec(df)
         prof = cls(fallback, name=name)
-        prof._ingest(df.assign(_t_s=_time_col(df) * 1e-6))
+        prof._ingest(df.assign(_t_s=_time_col(df) * 1e-6), own_node=own_node)
         return prof
 
-    def _ingest(self, df) -> None:
+    def _ingest(self, df, *, own_node: bool = True) -> None:
         kind = df["kind"] if "kind" in df.columns else None
         if kind is None:
             raise ValueError("measured rows have no 'kind' column")
@@ -394,8 +395,14 @@ class MeasuredProfile(SystemProfile):
             if ef is not None and key:
                 self._overlap[str(key)] = min(1.0, max(0.0, float(ef)))
                 self._sources["overlap"] = "measured"
-        if "ranks_per_node" in df.columns and df["ranks_per_node"].notna().any():
+        # The node size of the target comes from the spec when there is one: a 2-rank run on a
+        # laptop says nothing about how many tiles an Aurora node holds.
+        if own_node and "ranks_per_node" in df.columns and df["ranks_per_node"].notna().any():
             self.ranks_per_node = int(df["ranks_per_node"].dropna().max())
+        # Efficiency is against the device the GEMMs ran on: its measured peak, when it has one.
+        if len(self.gemm_table) and "run_peak_tflops" in df.columns and df["run_peak_tflops"].notna().any():
+            self.peak_tflops = float(df["run_peak_tflops"].dropna().max())
+            self._sources["peak"] = "measured"
 
     # pricing --------------------------------------------------------------------------
     def gemm_time_s(self, gemm: Gemm) -> float:

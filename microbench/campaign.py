@@ -1,0 +1,300 @@
+"""The main job: every probe of a step in one process group, one run directory, a prediction.
+
+    python -m microbench                       # alcf-1t, embedded 2-rank world on a laptop
+    mpiexec -n 12 python -m microbench --model alcf-1t --out results/node0
+    python -m microbench --model tiny --quick  # seconds: the test suite's run
+
+The compute probes measure the *target* layout's per-rank shard (``--tp`` of the preset,
+every rank at once); the communication probes measure the same messages on the groups this
+world can form (TP, PP, DP axes of size world). Then ``analysis.predict`` prices the target
+configuration with the measured parts from this run and the specified parts from
+``--system`` (the network between nodes, anything not measured here), and the summary says
+which is which. microbench never imports analysis: the prediction runs as its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from . import results
+from .config import PRESETS, preset
+from .harness import (Probe, Timer, build_manifest, common_parser, probe_context, run_cases,
+                      validate_common)
+from .workload import workload
+from .runtime import BACKENDS, DEVICES, UsageError, detect_launcher, init_world, spawn_local_world
+
+MODULE = "microbench"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One probe invocation of the campaign: its module, its class and its arguments."""
+
+    module: str
+    cls: str
+    argv: tuple[str, ...]
+    title: str
+
+    def probe(self) -> Probe:
+        return getattr(importlib.import_module(self.module), self.cls)()
+
+
+def plan(args: argparse.Namespace, world_size: int, device_kind: str) -> list[Step]:
+    """The campaign for a model on this world. Sizes come from the probes' model modes,
+    which take them from the workload; only iteration counts and scale are chosen here."""
+    cfg = preset(args.model)
+    tp = cfg.parallel.tp
+    n, w = (str(args.iters), str(args.warmup))
+    common = ("--model", args.model, "-n", n, "-w", w, "--timeout-s", str(args.timeout_s),
+              "--device", args.device, "--backend", args.backend, "--quiet")
+    scale = args.scale if args.scale is not None else auto_scale(
+        cfg, device_kind=device_kind, quick=args.quick)
+    compute = (*common, "--tp", str(tp), "--scale", f"{scale:g}")
+    W = str(world_size)
+    sweep_max = "1M" if args.quick else "64M"
+    steps = [
+        # gemm measures the peak square GEMM first and layer_ops the peak copy: every
+        # efficiency figure has its denominator from the same run.
+        Step("microbench.gemm", "Gemm", compute, "peak GEMM, GEMMs of a layer and the LM head"),
+        Step("microbench.attention", "AttentionCore", (*compute, "--no-peak"), "attention core"),
+        Step("microbench.layer_ops", "LayerOps", compute, "peak copy, memory-bound ops, AdamW"),
+    ]
+    if world_size > 1:
+        sweep = ("-n", n, "-w", w, "--timeout-s", str(args.timeout_s), "--device", args.device,
+                 "--backend", args.backend, "--quiet", "-b", "4K", "-e", sweep_max, "-f", "8")
+        steps += [
+            Step("microbench.allreduce", "AllReduce", (*common, "--tp", W, "--place", "in"),
+                 "TP allreduce of the [mbs·s, d] activation"),
+            Step("microbench.allreduce", "AllReduce", (*sweep, "--place", "in", "--tp", W, "--axis", "tp"),
+                 "allreduce size sweep (α–β fit)"),
+            Step("microbench.allgather", "AllGather", (*sweep, "--place", "in", "--tp", W, "--axis", "tp"),
+                 "allgather size sweep"),
+            Step("microbench.reduce_scatter", "ReduceScatter", (*sweep, "--place", "in", "--tp", W, "--axis", "tp"),
+                 "reduce-scatter size sweep"),
+            Step("microbench.sendrecv", "SendRecv", (*common, "--pp", W),
+                 "pipeline send/recv of the activation"),
+            Step("microbench.sendrecv", "SendRecv", (*sweep, "--pp", W), "send/recv size sweep"),
+            Step("microbench.dp_allreduce", "DpAllreduce",
+                 (*common, "--dp", W, "--max-bytes", "16M" if args.quick else "128M"),
+                 "DP gradient sync of one step"),
+            Step("microbench.overlap", "Overlap", (*common, "--dp", W, "--scale", f"{scale:g}"),
+                 "DP bucket overlapped with a backward GEMM"),
+        ]
+    only = set(args.only.split(",")) if args.only else None
+    skip = set(args.skip.split(",")) if args.skip else set()
+    return [s for s in steps if (only is None or s.module.split(".")[-1] in only)
+            and s.module.split(".")[-1] not in skip]
+
+
+def auto_scale(cfg, *, device_kind: str, quick: bool) -> float:
+    """1 on a GPU; on a CPU the power of two that brings the layer's largest GEMM under a
+    budget a core does in about a tenth of a second (less with --quick), never so small that
+    the rank's heads vanish."""
+    if device_kind != "cpu":
+        return 1.0
+    budget = 5e8 if quick else 4e9  # FLOP; a CPU core does ~2–5e10 FLOP/s in fp32
+    w = workload(cfg)
+    biggest = max(g.flop for g in w.gemms + w.head_gemms)
+    scale = 1.0
+    while scale > 1 / 1024 and biggest * scale ** 3 > budget:
+        scale /= 2
+    return max(scale, 1.0 / (cfg.model.num_heads // cfg.parallel.tp))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m microbench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="alcf-1t", help=f"preset to measure and predict: {', '.join(PRESETS)}")
+    p.add_argument("--system", default="aurora",
+                   help="spec profile for what this run does not measure (analysis/systems/NAME.yaml)")
+    p.add_argument("--out", default=None, help="run directory (default results/campaign-<time>)")
+    p.add_argument("--quick", action="store_true", help="fewer iterations, smaller sizes (a smoke run)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="compute-probe scale (default 1 on a GPU; on a CPU chosen so a GEMM takes ~0.1 s)")
+    p.add_argument("-n", "--iters", type=int, default=None, help="timed iterations per case (default 10, 3 quick)")
+    p.add_argument("-w", "--warmup", type=int, default=None, help="warm-up iterations (default 2, 1 quick)")
+    p.add_argument("--only", default=None, help="comma list of probes to run (e.g. gemm,allreduce)")
+    p.add_argument("--skip", default=None, help="comma list of probes to leave out")
+    p.add_argument("--no-predict", action="store_true", help="measure only")
+    p.add_argument("--ranks", type=int, default=2, help="ranks of the embedded world when no launcher is found")
+    p.add_argument("--device", default="auto", help="|".join(DEVICES))
+    p.add_argument("--backend", default="auto", help="|".join(BACKENDS))
+    p.add_argument("--timeout-s", type=float, default=300.0, help="timeout of every process group (s)")
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.model not in PRESETS:
+        raise UsageError(f"--model {args.model!r}: unknown preset; known: {', '.join(PRESETS)}")
+    if args.scale is not None and not 0 < args.scale <= 1:
+        raise UsageError(f"--scale {args.scale:g}: must be in (0, 1]")
+    args.iters = args.iters if args.iters is not None else (3 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    for flag, v, low in (("-n", args.iters, 1), ("-w", args.warmup, 0), ("--ranks", args.ranks, 1)):
+        if v < low:
+            raise UsageError(f"{flag} {v}: must be ≥ {low}")
+    if not args.timeout_s > 0:
+        raise UsageError(f"--timeout-s {args.timeout_s}: must be > 0")
+    if args.device not in DEVICES:
+        raise UsageError(f"--device {args.device!r}: choose one of {', '.join(DEVICES)}")
+    if args.backend not in BACKENDS or args.backend == "mpi4py":
+        raise UsageError(f"--backend {args.backend!r}: choose one of auto, xccl, ccl, nccl, gloo, mpi")
+    known = {"gemm", "attention", "layer_ops", "allreduce", "allgather", "reduce_scatter",
+             "sendrecv", "dp_allreduce", "overlap"}
+    for flag in ("only", "skip"):
+        for name in (getattr(args, flag) or "").split(","):
+            if name and name not in known:
+                raise UsageError(f"--{flag} {name!r}: unknown probe; known: {', '.join(sorted(known))}")
+    if not args.no_predict:
+        systems = os.path.join(os.path.dirname(__file__), "..", "analysis", "systems", f"{args.system}.yaml")
+        if not (os.path.isfile(systems) or os.path.isfile(args.system)):
+            raise UsageError(f"--system {args.system!r}: no such spec profile (see analysis/systems/)")
+
+
+def progress(total: int, enabled: bool):
+    """tqdm on rank 0 when standard error is a terminal, else nothing."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="probe", file=sys.stderr)
+
+
+def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
+    steps = plan(args, world.world_size, world.device_kind)
+    writer = None
+    if world.rank == 0:
+        args.out = args.out or str(results.default_out_dir("campaign"))
+        writer = results.RunWriter(args.out, {
+            "probe": "campaign", "command": [sys.executable, "-m", MODULE, *argv],
+            "model": args.model, "system": args.system, "quick": args.quick,
+            "steps": [{"probe": s.module, "argv": list(s.argv), "title": s.title} for s in steps]})
+        print(f"# microbench campaign: model {args.model}, world {world.world_size} "
+              f"({world.num_nodes} node(s)), {world.device_kind}/{world.backend}, "
+              f"launcher {world.launcher}, {len(steps)} probe runs → {writer.dir}", flush=True)
+    timer = Timer(world)
+    bar = progress(len(steps), world.rank == 0)
+    manifest_done = False
+    for step in steps:
+        probe = step.probe()
+        pargs = common_parser(probe).parse_args(list(step.argv))
+        validate_common(pargs)
+        probe.validate(pargs)
+        ctx = probe_context(probe, pargs, world)
+        ctx.writer = writer
+        if writer is not None and not manifest_done:
+            # The world-level manifest fields (hosts, devices, versions) from the first probe.
+            man = build_manifest(probe, ctx, argv)
+            for key in ("probe", "command", "model", "config", "grid"):
+                man.pop(key, None)
+            writer.update_manifest(**man)
+            manifest_done = True
+        t0 = time.monotonic()
+        rows = run_cases(probe, ctx, timer, header=False)
+        if world.rank == 0:
+            ok = sum(r.get("status") == "ok" for r in rows)
+            msg = (f"#  {step.module.split('.')[-1]:<15} {step.title:<45} {ok}/{len(rows)} ok "
+                   f"({time.monotonic() - t0:.1f} s)")
+            if bar is not None:
+                bar.write(msg)
+                bar.update(1)
+            else:
+                print(msg, flush=True)
+    if bar is not None:
+        bar.close()
+    import torch.distributed as dist
+    dist.barrier(group=world.control)
+    if writer is not None:
+        writer.close(status="ok")
+    dist.destroy_process_group()
+    return 0
+
+
+def predict_and_summarise(args: argparse.Namespace, run_dir: str) -> int:
+    """Price the target with this run's measurements over the --system spec (a subprocess:
+    microbench does not import analysis) and print what was measured and what specified."""
+    cmd = [sys.executable, "-m", "analysis.predict", "--model", args.model, "--system", args.system,
+           "--profile", run_dir, "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        print(f"error: {MODULE}: prediction failed ({' '.join(cmd[1:])}): "
+              f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}",
+              file=sys.stderr)
+        return 1
+    pred = json.loads(res.stdout)
+    path = os.path.join(run_dir, "prediction.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(pred, f, indent=2)
+    print(summary_text(args, pred, run_dir))
+    return 0
+
+
+def summary_text(args: argparse.Namespace, pred: dict[str, Any], run_dir: str) -> str:
+    cfg = preset(args.model)
+    p = cfg.parallel
+    lines = [f"# prediction: {args.model} on {p.world_size} ranks (tp {p.tp} pp {p.pp} dp {p.dp}, "
+             f"mbs {p.micro_batch}, gbs {p.global_batch}); system {args.system}"]
+    sources = pred.get("sources", {})
+    measured = sorted(k for k, v in sources.items() if v == "measured")
+    specified = sorted(k for k, v in sources.items() if v != "measured")
+    lines.append(f"#   measured here : {', '.join(measured) or 'nothing'}")
+    lines.append(f"#   specified     : {', '.join(specified) or 'nothing'} (from {args.system})")
+    lines.append(f"#   step time     : {pred['step_time_s']:.4g} s")
+    top = sorted(pred.get("breakdown_s", {}).items(), key=lambda kv: -kv[1])
+    lines.append("#   breakdown     : " + ", ".join(f"{k} {v:.3g} s" for k, v in top if v > 0))
+    lines.append(f"#   FOM           : {pred['fom']:.4g}  (benchmark definition: (6sd²+s²d)·b·L/T)")
+    lines.append(f"#   model TFLOP/s : {pred['model_tflops_per_device']:.4g} per device, "
+                 f"MFU {100 * pred['mfu']:.1f}%")
+    seed = pred.get("seed_model", {})
+    if seed:
+        lines.append(f"#   benchmark's 2-term model: {seed['step_time_s']:.4g} s "
+                     f"(α {seed['alpha']:.3g} s/MAC, β {seed['beta']:.3g} s/element)")
+    lines.append(f"#   rows: {run_dir}/rows.jsonl  prediction: {run_dir}/prediction.json")
+    lines.append(f"#   report: python -m analysis.report {run_dir}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser().parse_args(argv)
+        validate(args)
+    except UsageError as e:
+        print(f"error: {MODULE}: {e}", file=sys.stderr)
+        return 2
+    info = detect_launcher()
+    if info is None:
+        try:  # every step's arguments checked before any rank starts
+            import torch
+            guess = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+            for step in plan(args, args.ranks, guess):
+                probe = step.probe()
+                validate_common(common_parser(probe).parse_args(list(step.argv)))
+                probe.validate(common_parser(probe).parse_args(list(step.argv)))
+        except UsageError as e:
+            print(f"error: {MODULE}: {e}", file=sys.stderr)
+            return 2
+        if args.out is None:  # the parent names the directory so it can predict from it
+            args.out = str(results.default_out_dir("campaign"))
+            argv = [*argv, "--out", args.out]
+        code = spawn_local_world(MODULE, argv, nprocs=args.ranks, timeout_s=args.timeout_s)
+        if code != 0 or args.no_predict:
+            return code
+        return predict_and_summarise(args, args.out)
+    try:
+        code = run_rank(args, argv)
+    except UsageError as e:
+        print(f"error: {MODULE}: {e}", file=sys.stderr)
+        return 2
+    if code == 0 and info.rank == 0 and info.launcher != "embedded" and not args.no_predict:
+        return predict_and_summarise(args, args.out)
+    return code
