@@ -10,6 +10,7 @@ in one frame are overlaid, each labelled by :func:`run_label` (host/device/run_i
 """
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -248,7 +249,7 @@ def step_breakdown(predictions: Mapping[str, Any]) -> Figure:
 
 
 def _wrap(s: str, width: int = 22) -> str:
-    return "\n".join(s[i:i + width] for i in range(0, len(s), width))
+    return "\n".join(textwrap.wrap(s, width, break_on_hyphens=False)) or s
 
 
 def predicted_vs_measured(table: pd.DataFrame) -> Figure:

@@ -232,13 +232,21 @@ def gemm_section(runs: Sequence[Run], df: pd.DataFrame, out_dir: Path, written: 
                    "peak (a large square GEMM in the same dtype); dotted: the specification's peak. "
                    "The gap between a bar and the measured peak is shape efficiency (tile and wave "
                    "quantization, small k); between the peaks, what the device delivers of its spec.",
-                   figure=name, table=plots.gemm_table(df), notes=notes)
+                   figure=name, table=_with_pct(plots.gemm_table(df), mp), notes=notes)
+
+
+def _with_pct(t: pd.DataFrame, peaks: Mapping[str, float | None]) -> pd.DataFrame:
+    """Fill ``pct_peak`` (of the run's measured peak) where a probe ran without its own peak."""
+    pct = 100 * t["tflops"] / t["run"].map(lambda r: peaks.get(r) or float("nan"))
+    return t.assign(pct_peak=t["pct_peak"].fillna(pct) if "pct_peak" in t.columns else pct)
 
 
 def prediction_sections(runs: Sequence[Run], out_dir: Path, written: list[str],
                         target: Target) -> list[Section]:
     cfg, cfg_from = target_config(runs, target)
-    sysname = target.system or DEFAULT_SYSTEM
+    named = [r.manifest.get("system") for r in runs if isinstance(r.manifest.get("system"), str)]
+    sysname = target.system or (named[0] if named else DEFAULT_SYSTEM)
+    sys_from = "--system" if target.system else ("the run's manifest" if named else "default")
     spec = SpecProfile.from_yaml(sysname)
     notes, profiles = [], {}
     for r in runs:
@@ -256,7 +264,7 @@ def prediction_sections(runs: Sequence[Run], out_dir: Path, written: list[str],
     p = cfg.parallel
     head = (f"{cfg.model.name} (config from {cfg_from}); tp {p.tp} × pp {p.pp} × dp {p.dp} = "
             f"{p.world_size} ranks, global batch {p.global_batch}; system {spec.name} "
-            f"({'--system' if target.system else 'default'}) under whatever the run did not measure.")
+            f"({sys_from}) under whatever the run did not measure.")
     out = []
     if preds:
         name = _save(plots.step_breakdown(preds), out_dir, "step_breakdown.png", written)
@@ -308,7 +316,13 @@ def _row_config(row: Mapping[str, Any], manifest: Mapping[str, Any]) -> TrainCon
         base = preset(str(row.get("model")))
     keys = ("tp", "pp", "dp", "micro_batch", "global_batch", "recompute", "sequence_parallel",
             "zero_stage", "seq_len", "dtype")
-    ch = {k: (v.item() if hasattr(v, "item") else v) for k in keys if (v := row.get(k)) is not None and v == v}
+    ch = {}
+    for k in keys:
+        v = row.get(k)
+        v = v.item() if hasattr(v, "item") else v
+        if v is None or v != v:  # absent, or NaN from a column other rows lack
+            continue
+        ch[k] = int(v) if isinstance(v, float) and v.is_integer() else v
     return with_layout(base, **ch)
 
 
