@@ -233,7 +233,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     per_dp = p.num_microbatches * p.micro_batch
     flop = megatron_lm_flop(cfg)
-    step_times, timer_rows, losses = [], [], []
+    step_times, timer_rows, losses, rank_timers = [], [], [], []
     current = "setup"
     try:
         for it in range(1, args.steps + 1):
@@ -283,6 +283,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 raise FloatingPointError(f"lm loss is {lm_loss} at iteration {it}")
             step_times.append(step_s)
             timer_rows.append(timers_us)
+            rank_timers.append(allr[:, 1:1 + len(PHASES)] * 1e6)
             losses.append(lm_loss)
             if writer is not None:
                 tflops = flop / step_s / 1e12 / world.world_size
@@ -317,7 +318,8 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         os._exit(1)  # a collective may be stuck: never wait on a destroy that can hang
 
     if writer is not None:
-        summary = summary_row(cfg, world, step_times, timer_rows, losses, warmup=args.warmup_steps)
+        summary = summary_row(cfg, world, step_times, timer_rows, losses, warmup=args.warmup_steps,
+                              rank_timers=rank_timers)
         writer.write_row(summary)
         writer.close(status="ok")
         if not args.quiet:
@@ -343,8 +345,14 @@ def layout_fields(cfg: TrainConfig, world) -> dict[str, Any]:
 
 
 def summary_row(cfg: TrainConfig, world, step_times: list[float], timer_rows: list[dict[str, float]],
-                losses: list[float], *, warmup: int) -> dict[str, Any]:
-    """Median step time (and per-phase medians) over the iterations after the warm-up."""
+                losses: list[float], *, warmup: int, rank_timers: list | None = None) -> dict[str, Any]:
+    """Median step time (and per-phase medians) over the iterations after the warm-up.
+
+    ``timers_us`` takes each phase's max over ranks (Megatron's convention: the phases then
+    over-count the step). ``timers_us_bottleneck`` are the phases of one rank — the one with
+    the most forward + backward time, i.e. the slowest pipeline stage — which add up to about
+    the step, so they can stand beside a predicted breakdown."""
+    import torch
     kept = [t * 1e6 for t in step_times[warmup:]]
     stats = summarize(kept)
     row = {"probe": PROBE, "case": "summary", "kind": "train_summary", "status": "ok",
@@ -355,6 +363,12 @@ def summary_row(cfg: TrainConfig, world, step_times: list[float], timer_rows: li
            "lm_loss": losses[-1], "lm_loss_per_iteration": losses,
            "tflops": megatron_lm_flop(cfg) / (stats["time_us_median"] / 1e6) / 1e12 / world.world_size,
            **layout_fields(cfg, world)}
+    if rank_timers:
+        per = torch.stack(rank_timers[warmup:])  # [iters, world, phases]
+        busy = per[:, :, 0] + per[:, :, 1]
+        r = int(busy.sum(dim=0).argmax())
+        row["bottleneck_rank"] = r
+        row["timers_us_bottleneck"] = {k: statistics.median(per[:, r, j].tolist()) for j, k in enumerate(PHASES)}
     warning = stability_warning(stats, len(kept))
     if warning:
         row["warning"] = warning
