@@ -254,7 +254,10 @@ def dp_collectives(ctx: Context, *, zero: int | None = None):
 def sp_elements(ctx: Context, kind: str) -> tuple[str, int]:
     """The sequence-parallel TP collective of ``kind`` (allgather or reduce_scatter) of one
     layer from the workload with sequence parallelism switched on: S = [mbs·s, d]."""
-    w = workload(with_layout(ctx.cfg, sequence_parallel=True))
+    try:
+        w = workload(with_layout(ctx.cfg, sequence_parallel=True))
+    except ValueError as e:  # e.g. 1T.sc: seq 2048 is not divisible by tp 12
+        raise UsageError(f"this layout cannot use sequence parallelism: {e}") from None
     for c in w.collectives:
         if c.kind == kind:
             return c.name, c.elements
