@@ -219,7 +219,8 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         extra = {"seed": args.seed, "steps": args.steps, "warmup_steps": args.warmup_steps,
                  "optimizer": dataclasses.asdict(AdamW(lr=args.lr)), "bucket_numel": bucket,
                  "data": f"synthetic: Zipf motifs of {MOTIF_LEN} tokens repeated, seed {args.seed}",
-                 "schedule": "1f1b", "timing": timer.method, "num_microbatches": p.num_microbatches,
+                 "schedule": "1f1b", "dp_overlap": False,  # DP sync runs after the last backward
+                 "timing": timer.method, "num_microbatches": p.num_microbatches,
                  "stage_params": [cfg.stage_params(s) for s in range(p.pp)]}
         ctx = Context(args=args, world=world, cfg=cfg, grid=grid)
         writer = results.RunWriter(args.out or results.default_out_dir(PROBE),
