@@ -152,7 +152,7 @@ class DpAllreduce(Probe):
                  "time_us": t, "time_us_measured": row["time_us"], "extrapolated": f != 1,
                  "algbw_gbps": row.get("algbw_gbps"), "busbw_gbps": row.get("busbw_gbps"),
                  "num_wrong": row.get("num_wrong"), "extra": extra,
-                 "note": f"whole-step DP sync {t / 1e3:.3f} ms per rank ({how}; "
+                 "note": f"whole-step DP sync {t / 1e6:.6g} s per rank ({how}; "
                          f"{plan['grad_bytes']} gradient bytes per rank)"}]
 
 
