@@ -169,7 +169,11 @@ def gemm_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per run, op and phase: shape, TFLOP/s, % of measured peak and % of spec peak."""
     g = gemm_rows(df)
     cols = ["_run", "op", "phase", "m", "n", "k", "batch", "dtype", "tflops", "pct_peak", "pct_spec_peak"]
-    return g[[c for c in cols if c in g.columns]].rename(columns={"_run": "run"}).reset_index(drop=True)
+    t = g[[c for c in cols if c in g.columns]].rename(columns={"_run": "run"}).reset_index(drop=True)
+    for c in ("m", "n", "k", "batch"):  # ints, even where other rows' NaN made the column float
+        if c in t.columns:
+            t[c] = t[c].astype("Int64")
+    return t
 
 
 def gemm_tflops(df: pd.DataFrame, *, measured_peak: Mapping[str, float] | None = None,
@@ -263,6 +267,9 @@ def predicted_vs_measured(table: pd.DataFrame) -> Figure:
     else:
         for lab, g in table.groupby("label", sort=False):
             ax.scatter(g["measured_s"], g["predicted_s"], label=str(lab), s=40, zorder=3)
+            for m, p in zip(g["measured_s"], g["predicted_s"]):
+                ax.annotate(f"{100 * (p / m - 1):+.0f} %", (m, p), textcoords="offset points",
+                            xytext=(6, 4), fontsize="small")
         lo = float(min(table["measured_s"].min(), table["predicted_s"].min())) * 0.7
         hi = float(max(table["measured_s"].max(), table["predicted_s"].max())) * 1.4
         xs = np.geomspace(lo, hi, 16)
@@ -293,6 +300,7 @@ def projection(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
         ax_f.plot(n, [r["fom"] for r in ok], marker="o", label=label)
     for ax, what, unit in ((ax_t, "step time", "s"), (ax_f, "FOM", "(6sd²+s²d)·b·L / T, 1/s")):
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_yscale("log")
         ax.set_xlabel("nodes (log scale; dp grows, tp × pp fixed)")
         ax.set_ylabel(f"{what} ({unit})")

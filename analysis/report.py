@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import os
 import sys
 from dataclasses import dataclass, field
