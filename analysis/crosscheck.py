@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import re
 import statistics
 import subprocess
@@ -235,8 +234,9 @@ def compare(measured: Measured, profile: SystemProfile, *, label: str | None = N
                 # between the kernels. Expressed as the profile knob that would close the gap.
                 per_layer = -diff / (cfg.layers_per_stage * p.num_microbatches)
                 cmp.notes.append(f"{label}: the compute gap is {per_layer * 1e6:.0f} us per layer per micro-batch "
-                                 "(fwd + bwd) beyond the probed kernels: framework overhead between ops, "
-                                 "which no probe measures (spec knob efficiency.layer_overhead_us)")
+                                 "(fwd + bwd) beyond the probed kernels and collectives: framework overhead "
+                                 "between ops, or TP collectives slower inside the step than in isolation "
+                                 "(rank skew); no probe measures either (spec knob efficiency.layer_overhead_us)")
     return cmp
 
 

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -229,5 +228,3 @@ def activation_shape(cfg: TrainConfig) -> tuple[int, int, int]:
     s = m.seq_len // p.tp if p.sequence_parallel else m.seq_len
     return (s, p.micro_batch, m.hidden)
 
-
-Factory = Callable[..., Stage]
