@@ -333,6 +333,14 @@ def run_local(layouts: Sequence[str], *, model: str, steps: int, warmup: int, ou
                       "--quiet", "--out", str(d)], timeout=timeout, log=d.with_suffix(".log"))
                 done[key] = [d]
             dirs += done.get(key, [])
+        if pp > 1 and "sendrecv" in have:  # the pipeline activation/gradient at the step's shape
+            key = ("sendrecv", tp, pp, dp)
+            if key not in done:
+                d = out / "probes" / f"sendrecv-{text}"
+                _run([py, "-m", "microbench.sendrecv", *layout, "--ranks", str(world), "--quiet", "--out", str(d)],
+                     timeout=timeout, log=d.with_suffix(".log"))
+                done[key] = [d]
+            dirs += done[key]
         run_dir = out / f"train-{text}"
         _run([py, "-m", "full_model.train", *layout, "--gbs", str(gbs), "--steps", str(steps),
               "--warmup-steps", str(warmup), "--ranks", str(world), "--quiet", "--out", str(run_dir)],
