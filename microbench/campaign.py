@@ -50,13 +50,14 @@ def plan(args: argparse.Namespace, world_size: int, device_kind: str) -> list[St
     """The campaign for a model on this world. Sizes come from the probes' model modes,
     which take them from the workload; only iteration counts and scale are chosen here."""
     cfg = preset(args.model)
-    tp = cfg.parallel.tp
     n, w = (str(args.iters), str(args.warmup))
     common = ("--model", args.model, "-n", n, "-w", w, "--timeout-s", str(args.timeout_s),
               "--device", args.device, "--backend", args.backend, "--quiet")
     scale = args.scale if args.scale is not None else auto_scale(
         cfg, device_kind=device_kind, quick=args.quick)
-    compute = (*common, "--tp", str(tp), "--scale", f"{scale:g}")
+    lay = cfg.parallel  # compute probes measure exactly the target's per-rank shard
+    compute = (*common, "--tp", str(lay.tp), "--pp", str(lay.pp), "--dp", str(lay.dp),
+               "--scale", f"{scale:g}")
     W = str(world_size)
     sweep_max = "1M" if args.quick else "64M"
     steps = [
@@ -84,7 +85,8 @@ def plan(args: argparse.Namespace, world_size: int, device_kind: str) -> list[St
             Step("microbench.dp_allreduce", "DpAllreduce",
                  (*common, "--dp", W, "--max-bytes", "16M" if args.quick else "128M"),
                  "DP gradient sync of one step"),
-            Step("microbench.overlap", "Overlap", (*common, "--dp", W, "--scale", f"{scale:g}"),
+            Step("microbench.overlap", "Overlap", (*common, "--dp", W, "--gemm-tp", str(lay.tp),
+                                                   "--scale", f"{scale:g}"),
                  "DP bucket overlapped with a backward GEMM"),
         ]
     only = set(args.only.split(",")) if args.only else None

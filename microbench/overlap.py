@@ -16,11 +16,13 @@ slightly outside [0, 1]; it is recorded as measured, with its three components.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any, Iterable
 
 from .allreduce import AllReduce
 from .collective import dp_bucket_elements, dp_collectives, tp_activation_elements
-from .config import dtype_bytes
+from .compute import check_scale, scale_dim
+from .config import dtype_bytes, with_layout
 from .harness import Case, Context, Probe, Skip, main_for, torch_dtype
 from .runtime import UsageError
 from .workload import workload
@@ -48,12 +50,20 @@ class Overlap(Probe):
                        help=f"workload GEMMs as name.phase, comma-separated (default {DEFAULT_GEMMS})")
         p.add_argument("--bucket-mb", type=float, default=None,
                        help="DP bucket in MiB (default: 3e7 elements, DeepSpeed's)")
+        p.add_argument("--gemm-tp", type=int, default=None,
+                       help="take the GEMMs of this TP shard (e.g. the target's 12) while the "
+                            "collective runs on this world's groups (default: the world's --tp)")
+        p.add_argument("--scale", type=float, default=1.0,
+                       help="shrink the GEMM dimensions by F (0 < F ≤ 1), as the compute probes do")
 
     def validate(self, args: argparse.Namespace) -> None:
         if args.model is None:
             raise UsageError("overlap takes its GEMMs and collective from the workload: give --model")
         if args.collective == "dp_allreduce" and args.dp == 1:
             raise UsageError("--collective dp_allreduce with --dp 1: no DP sync (give --dp ≥ 2)")
+        check_scale(args.scale)
+        if args.gemm_tp is not None and args.gemm_tp < 1:
+            raise UsageError(f"--gemm-tp {args.gemm_tp}: must be a positive integer")
         if args.bucket_mb is not None and not args.bucket_mb > 0:
             raise UsageError(f"--bucket-mb {args.bucket_mb}: must be > 0")
         names = [g for g in args.gemms.split(",") if g]
@@ -63,7 +73,13 @@ class Overlap(Probe):
 
     def cases(self, ctx: Context) -> Iterable[Case]:
         args = ctx.args
-        w = workload(ctx.cfg)
+        gemm_cfg = ctx.cfg
+        if args.gemm_tp is not None:
+            try:
+                gemm_cfg = with_layout(ctx.cfg, tp=args.gemm_tp, pp=1, dp=1)
+            except ValueError as e:
+                raise UsageError(f"--gemm-tp {args.gemm_tp}: {e}") from None
+        w = workload(gemm_cfg)
         gemms = []
         for item in args.gemms.split(","):
             name, _, phase = item.partition(".")
@@ -71,7 +87,14 @@ class Overlap(Probe):
             if not found:
                 known = sorted({f"{g.name}.{g.phase}" for g in w.gemms})
                 raise UsageError(f"--gemms: no GEMM {item!r} in the workload; known: {', '.join(known)}")
-            gemms.append(found[0])
+            g = found[0]
+            try:
+                g = dataclasses.replace(g, m=scale_dim(g.m, args.scale, f"{item} m", multiple=8),
+                                        n=scale_dim(g.n, args.scale, f"{item} n", multiple=8),
+                                        k=scale_dim(g.k, args.scale, f"{item} k", multiple=8))
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            gemms.append(g)
         if args.collective == "dp_allreduce":
             grad = dp_collectives(ctx, zero=0).dp[0]
             axis, op = "dp", grad.name
@@ -88,7 +111,8 @@ class Overlap(Probe):
                 "count": count, "dtype": dtype, "in_place": True, "size_bytes": coll["bytes"],
                 "gemm_gflop": sum(g.flop for g in gemms) / 1e9 if variant != "collective_alone" else 0.0,
                 "gemm": [{"name": f"{g.name}.{g.phase}", "m": g.m, "n": g.n, "k": g.k} for g in gemms],
-                "collective": coll, **ctx.placement(axis, mine, len(groups))}, group_ranks=mine)
+                "collective": coll, "scale": args.scale, "gemm_tp": args.gemm_tp or ctx.grid.tp,
+                **ctx.placement(axis, mine, len(groups))}, group_ranks=mine)
 
     def setup(self, ctx: Context, case: Case, *, seed: int) -> Any:
         import torch

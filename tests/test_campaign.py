@@ -1,0 +1,76 @@
+"""The main job: one world, one run directory, every probe, a prediction naming its sources."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from analysis import load
+from microbench.campaign import auto_scale, parser, plan, validate
+from microbench.config import alcf_1t, tiny
+from microbench.results import read_run
+from tests.launch import REPO, env, run_local
+
+
+def args_for(*argv):
+    a = parser().parse_args(list(argv))
+    validate(a)
+    return a
+
+
+def test_plan_covers_every_component_of_a_step():
+    steps = plan(args_for("--model", "tiny"), 2, "cpu")
+    names = {s.module.split(".")[-1] for s in steps}
+    assert names == {"gemm", "attention", "layer_ops", "allreduce", "allgather", "reduce_scatter",
+                     "sendrecv", "dp_allreduce", "overlap"}
+
+
+def test_a_single_rank_world_plans_compute_only():
+    names = {s.module.split(".")[-1] for s in plan(args_for("--model", "tiny"), 1, "cpu")}
+    assert names == {"gemm", "attention", "layer_ops"}
+
+
+def test_only_and_skip_filter_the_plan():
+    steps = plan(args_for("--model", "tiny", "--only", "gemm,allreduce"), 2, "cpu")
+    assert {s.module for s in steps} == {"microbench.gemm", "microbench.allreduce"}
+    steps = plan(args_for("--model", "tiny", "--skip", "overlap"), 2, "cpu")
+    assert "microbench.overlap" not in {s.module for s in steps}
+
+
+def test_cpu_scale_brings_the_1t_gemms_down_but_keeps_a_head():
+    s = auto_scale(alcf_1t(), device_kind="cpu", quick=False)
+    assert s == 0.125 and 16 * s >= 1  # 16 heads per rank at TP 12
+    assert auto_scale(tiny(), device_kind="cpu", quick=False) == 1.0
+    assert auto_scale(alcf_1t(), device_kind="cuda", quick=False) == 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt9"], "unknown preset; known: alcf-1t"),
+    (["--only", "gemms"], "--only 'gemms': unknown probe"),
+    (["--scale", "2"], "--scale 2: must be in (0, 1]"),
+    (["--system", "frontier"], "--system 'frontier': no such spec profile"),
+    (["-n", "0"], "-n 0"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message):
+    res = subprocess.run([sys.executable, "-m", "microbench", *argv], env=env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.multirank
+def test_quick_campaign_on_the_embedded_world(tmp_path):
+    out = tmp_path / "run"
+    res = run_local("microbench", "--model", "tiny", "--quick", "--out", str(out), ranks=2, timeout=400)
+    assert res.returncode == 0, res.stderr[-2000:]
+    man, rows = read_run(out)
+    assert man["status"] == "ok" and man["world_size"] == 2 and man["peak_tflops"]
+    df = load(out)
+    probes = set(df.probe)
+    assert {"gemm", "attention", "layer_ops", "allreduce", "sendrecv"} <= probes
+    ok = df[df.status == "ok"]
+    assert (ok.num_wrong.fillna(0) == 0).all()
+    pred = json.loads((out / "prediction.json").read_text())
+    assert pred["step_time_s"] > 0 and pred["sources"]["gemm"] == "measured"
+    assert "measured here" in res.stdout and "specified" in res.stdout
