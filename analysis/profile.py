@@ -431,7 +431,12 @@ class MeasuredProfile(SystemProfile):
             w = 1.0 / (dist + 1e-3)
             num += w * math.log(t / ref)
             den += w
-        return spec_t * math.exp(num / den)
+        t = spec_t * math.exp(num / den)
+        # Extrapolating from small measured shapes with the spec's size dependence can promise
+        # more than the device ever did: never faster than its measured ceiling.
+        if self._sources.get("peak") == "measured" and self.peak_tflops > 0:
+            t = max(t, gemm.flop / (self.peak_tflops * 1e12))
+        return t
 
     def attention_time_s(self, att: Attention) -> float:
         pts = self.attention_rates.get(att.phase)

@@ -83,7 +83,8 @@ def plan(args: argparse.Namespace, world_size: int, device_kind: str) -> list[St
                  "pipeline send/recv of the activation"),
             Step("microbench.sendrecv", "SendRecv", (*sweep, "--pp", W), "send/recv size sweep"),
             Step("microbench.dp_allreduce", "DpAllreduce",
-                 (*common, "--dp", W, "--max-bytes", "16M" if args.quick else "128M"),
+                 (*common, "--dp", W, *(("--bucket-mb", "4", "--max-bytes", "16M") if args.quick
+                                       else ("--max-bytes", "256M"))),
                  "DP gradient sync of one step"),
             Step("microbench.overlap", "Overlap", (*common, "--dp", W, "--gemm-tp", str(lay.tp),
                                                    "--scale", f"{scale:g}"),
