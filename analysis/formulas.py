@@ -6,6 +6,7 @@ Nothing here knows about systems or measurements: these are pure functions of a
 from __future__ import annotations
 
 from microbench.config import TrainConfig
+from microbench.workload import megatron_lm_flop
 
 
 def fom(cfg: TrainConfig, step_s: float) -> float:
@@ -22,14 +23,9 @@ def fom(cfg: TrainConfig, step_s: float) -> float:
 
 
 def megatron_flop(cfg: TrainConfig) -> float:
-    """Model FLOPs of one step, Megatron-DeepSpeed's "LM" formula (DESIGN.md):
-    F = 12·B·s·L·h²·(1 + (f/h)·(3/2 if SwiGLU else 1) + kv_heads/heads + s/h + V/(2·L·h)),
-    no recompute factor (recomputation is not useful model work)."""
-    m = cfg.model
-    B, s, L, h = cfg.parallel.global_batch, m.seq_len, m.num_layers, m.hidden
-    mlp = (m.ffn_hidden / h) * (1.5 if m.gated_mlp else 1.0)
-    return 12 * B * s * L * h * h * (1 + mlp + m.num_kv_heads / m.num_heads + s / h
-                                     + m.vocab_size / (2 * L * h))
+    """Model FLOPs of one step, Megatron-DeepSpeed's "LM" formula; defined once, in the
+    workload, because the reference step (full_model) prints it too."""
+    return megatron_lm_flop(cfg)
 
 
 def megatron_tflops(cfg: TrainConfig, step_s: float, world: int | None = None) -> float:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from microbench import results
 from microbench.config import PRESETS, ModelConfig, TrainConfig, preset, with_layout
+from microbench.workload import megatron_lm_flop
 from microbench.harness import (Context, Probe, Timer, build_manifest, stability_warning, summarize,
                                 torch_dtype)
 from microbench.runtime import (BACKENDS, DEVICES, Grid, UsageError, detect_launcher, init_world,
@@ -118,16 +119,6 @@ def config_from_args(a: argparse.Namespace, *, world_size: int | None) -> TrainC
         except ValueError as e:
             raise UsageError(str(e)) from None
     return cfg
-
-
-def megatron_lm_flop(cfg: TrainConfig) -> float:
-    """Megatron-DeepSpeed's "LM" FLOPs of one step (DESIGN.md), as its iteration line uses:
-    12·B·s·L·h²·(1 + (f/h)·(3/2 if SwiGLU) + kv/heads + s/h + V/(2·L·h)). Same as
-    analysis.formulas.megatron_flop, which full_model may not import (dependency direction)."""
-    m = cfg.model
-    B, s, L, h = cfg.parallel.global_batch, m.seq_len, m.num_layers, m.hidden
-    mlp = (m.ffn_hidden / h) * (1.5 if m.gated_mlp else 1.0)
-    return 12 * B * s * L * h * h * (1 + mlp + m.num_kv_heads / m.num_heads + s / h + m.vocab_size / (2 * L * h))
 
 
 # ---------------------------------------------------------------------------------------------

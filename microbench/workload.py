@@ -256,6 +256,18 @@ def workload(cfg: TrainConfig, *, stage: int | None = None,
         optimizer_bytes=opt_params * adam_bytes_per_param(dt), stage=stage)
 
 
+def megatron_lm_flop(cfg: TrainConfig) -> float:
+    """Model FLOPs of one step, Megatron-DeepSpeed's "LM" formula (DESIGN.md) — what its
+    iteration line divides by step time and world size for "[LM]-TFLOPs":
+    F = 12·B·s·L·h²·(1 + (f/h)·(3/2 if SwiGLU else 1) + kv_heads/heads + s/h + V/(2·L·h)),
+    no recompute factor (recomputation is not useful model work)."""
+    m = cfg.model
+    B, s, L, h = cfg.parallel.global_batch, m.seq_len, m.num_layers, m.hidden
+    mlp = (m.ffn_hidden / h) * (1.5 if m.gated_mlp else 1.0)
+    return 12 * B * s * L * h * h * (1 + mlp + m.num_kv_heads / m.num_heads + s / h
+                                     + m.vocab_size / (2 * L * h))
+
+
 def memory_bytes(cfg: TrainConfig, *, stage: int | None = None) -> dict[str, int]:
     """Bytes per rank of one stage: weights, gradients, optimizer state, activations.
 
