@@ -21,7 +21,6 @@ import argparse
 import csv
 import datetime as _dt
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path

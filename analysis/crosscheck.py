@@ -313,7 +313,7 @@ def run_local(layouts: Sequence[str], *, model: str, steps: int, warmup: int, ou
         world = tp * pp * dp
         base = preset(model)
         gbs = base.parallel.global_batch  # the same global batch on every layout
-        cfg = with_layout(base, tp=tp, pp=pp, dp=dp, global_batch=gbs)
+        with_layout(base, tp=tp, pp=pp, dp=dp, global_batch=gbs)  # refuse a bad layout before any run
         layout = ["--model", model, "--tp", str(tp), "--pp", str(pp), "--dp", str(dp)]
         print(f"# {text}: probes and reference step on {world} rank(s)", file=sys.stderr, flush=True)
         dirs: list[Path] = []

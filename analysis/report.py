@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from microbench.config import ModelConfig, ParallelConfig, TrainConfig, preset, with_layout
-from microbench.results import ResultsError, iter_run_dirs, read_run
+from microbench.results import iter_run_dirs, read_run
 
 from . import plots
 from .load import load_run

@@ -247,7 +247,7 @@ def render_job_script(cfg: TrainConfig, *, opts: JobOptions) -> str:
         '    echo "error: allocation has $got nodes, this script was generated for $NNODES" >&2',
         "    exit 2",
         "fi",
-        f': "${{DATA_PATH:?set DATA_PATH}}"',
+        ': "${DATA_PATH:?set DATA_PATH}"',
     ]
     if m.norm == "rmsnorm":
         out.append(': "${TOKENIZER_MODEL:?set TOKENIZER_MODEL to the Llama-2 tokenizer.model}"')

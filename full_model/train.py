@@ -20,17 +20,15 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import statistics
 import sys
 import time
-import traceback
 from typing import Any, Sequence
 
 from microbench import results
 from microbench.config import PRESETS, ModelConfig, TrainConfig, preset, with_layout
 from microbench.workload import megatron_lm_flop
-from microbench.harness import (Context, Probe, Timer, build_manifest, stability_warning, summarize,
+from microbench.harness import (Context, Probe, Timer, abort_rank, build_manifest, stability_warning, summarize,
                                 torch_dtype)
 from microbench.runtime import (BACKENDS, DEVICES, Grid, UsageError, detect_launcher, init_world,
                                 spawn_local_world)
@@ -297,17 +295,8 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except (UsageError, KeyboardInterrupt):
         raise
     except Exception as e:
-        msg = (f"error: {PROBE}: rank {world.rank} on {world.hostname}: {current} failed: "
-               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-               f"(a peer may have died or hung; group timeout {world.timeout_s:g} s)")
-        print(msg, file=sys.stderr, flush=True)
-        if os.environ.get("MICROBENCH_DEBUG"):
-            traceback.print_exc()
-        if writer is not None:
-            writer.write_row({"probe": PROBE, "case": current, "kind": "train_step", "status": "failed", "reason": msg})
-            writer.close(status="failed")
-        sys.stdout.flush()
-        os._exit(1)  # a collective may be stuck: never wait on a destroy that can hang
+        abort_rank(PROBE, world, writer, current, e,
+                   row={"probe": PROBE, "case": current, "kind": "train_step"})
 
     if writer is not None:
         summary = summary_row(cfg, world, step_times, timer_rows, losses, warmup=args.warmup_steps,

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from . import results
 from .config import PRESETS, preset
 from .harness import (Probe, Timer, build_manifest, common_parser, probe_context, run_cases,
-                      validate_common)
+                      validate_common, validate_run_flags)
 from .workload import workload
 from .runtime import BACKENDS, DEVICES, UsageError, detect_launcher, init_world, spawn_local_world
 
@@ -139,15 +139,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--scale {args.scale:g}: must be in (0, 1]")
     args.iters = args.iters if args.iters is not None else (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    for flag, v, low in (("-n", args.iters, 1), ("-w", args.warmup, 0), ("--ranks", args.ranks, 1)):
-        if v < low:
-            raise UsageError(f"{flag} {v}: must be ≥ {low}")
-    if not args.timeout_s > 0:
-        raise UsageError(f"--timeout-s {args.timeout_s}: must be > 0")
-    if args.device not in DEVICES:
-        raise UsageError(f"--device {args.device!r}: choose one of {', '.join(DEVICES)}")
-    if args.backend not in BACKENDS or args.backend == "mpi4py":
-        raise UsageError(f"--backend {args.backend!r}: choose one of auto, xccl, ccl, nccl, gloo, mpi")
+    validate_run_flags(args, backends=[b for b in BACKENDS if b != "mpi4py"])
     known = {"gemm", "attention", "layer_ops", "allreduce", "allgather", "reduce_scatter",
              "sendrecv", "dp_allreduce", "overlap"}
     for flag in ("only", "skip"):

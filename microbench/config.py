@@ -7,7 +7,7 @@ and the numbers, so a typo on an 768-rank launch line is caught before ``init_pr
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 Dtype = Literal["bf16", "fp16", "fp32"]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from . import results
 from .config import PRESETS, TrainConfig, preset, with_layout
-from .runtime import (BACKENDS, DEVICES, EMBEDDED_ENV, Grid, UsageError, World, detect_launcher,
+from .runtime import (BACKENDS, DEVICES, Grid, UsageError, World, detect_launcher,
                       init_world, spawn_local_world)
 
 TORCH_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "half": "float16",
@@ -184,17 +184,22 @@ def common_parser(probe: Probe) -> argparse.ArgumentParser:
     return p
 
 
-def validate_common(args: argparse.Namespace) -> None:
+def validate_run_flags(args: argparse.Namespace, *, backends: Sequence[str] = BACKENDS) -> None:
+    """The flags every entry point shares: iterations, ranks, timeout, device, backend."""
     for flag, value, low in (("-n/--iters", args.iters, 1), ("-w/--warmup", args.warmup, 0),
                              ("--ranks", args.ranks, 1)):
         if value < low:
             raise UsageError(f"{flag} {value}: must be ≥ {low}")
     if not args.timeout_s > 0:
         raise UsageError(f"--timeout-s {args.timeout_s}: must be > 0")
-    if args.backend not in BACKENDS:
-        raise UsageError(f"--backend {args.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if args.backend not in backends:
+        raise UsageError(f"--backend {args.backend!r}: choose one of {', '.join(backends)}")
     if args.device not in DEVICES:
         raise UsageError(f"--device {args.device!r}: choose one of {', '.join(DEVICES)}")
+
+
+def validate_common(args: argparse.Namespace) -> None:
+    validate_run_flags(args)
     if args.dtype is not None:
         args.dtype = canonical_dtype(args.dtype)
     for flag in ("tp", "pp", "dp", "mbs"):
@@ -536,20 +541,27 @@ def _emit(probe: Probe, ctx: Context, row: dict[str, Any], *, show: bool, derive
 
 def fail_fast(module: str, ctx: Context, case: str, exc: BaseException) -> None:
     """Name the rank, host, probe and case, keep the rows, and exit without waiting on peers."""
-    world = ctx.world
+    abort_rank(module, ctx.world, ctx.writer, f"case {case}", exc,
+               row={"probe": module.rsplit(".", 1)[-1], "case": case})
+
+
+def abort_rank(module: str, world: World, writer: results.RunWriter | None, what: str,
+               exc: BaseException, *, row: dict[str, Any]) -> None:
+    """The one way a rank gives up: a line naming module, rank, host and what failed, a
+    'failed' row after the rows already written, then exit (a collective may be stuck:
+    never wait on a destroy that can hang)."""
     text = str(exc).splitlines()[0] if str(exc) else ""
-    msg = (f"error: {module}: rank {world.rank} on {world.hostname}: case {case} failed: "
+    msg = (f"error: {module}: rank {world.rank} on {world.hostname}: {what} failed: "
            f"{type(exc).__name__}: {text} (a peer may have died or hung; group timeout "
            f"{world.timeout_s:g} s)")
     print(msg, file=sys.stderr, flush=True)
     if os.environ.get("MICROBENCH_DEBUG"):
         traceback.print_exc()
-    if ctx.writer is not None:
-        ctx.writer.write_row({"probe": module.rsplit(".", 1)[-1], "case": case, "status": "failed",
-                              "reason": msg})
-        ctx.writer.close(status="failed")
+    if writer is not None:
+        writer.write_row({**row, "status": "failed", "reason": msg})
+        writer.close(status="failed")
     sys.stdout.flush()
-    os._exit(1)  # a collective may be stuck: never wait on a destroy that can hang
+    os._exit(1)
 
 
 def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -12,7 +12,6 @@ GPU against ≤ 50 MB of H100 L2 and 408 MB of Max 1550 L2 per GPU).
 """
 from __future__ import annotations
 
-from typing import Any
 
 from .compute import ComputeProbe, Work, count_not_close, randn
 from .config import dtype_bytes

@@ -13,7 +13,7 @@ neither derives a shape itself. Conventions (see DESIGN.md):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from .config import TrainConfig, dtype_bytes

@@ -1,5 +1,3 @@
-import pytest
-
 
 def pytest_configure(config):
     # A plain `pytest` run does not run the benchmarks; `pytest --benchmark-only` does.

@@ -49,7 +49,7 @@ def test_cpu_scale_brings_the_1t_gemms_down_but_keeps_a_head():
     (["--only", "gemms"], "--only 'gemms': unknown probe"),
     (["--scale", "2"], "--scale 2: must be in (0, 1]"),
     (["--system", "frontier"], "--system 'frontier': no such spec profile"),
-    (["-n", "0"], "-n 0"),
+    (["-n", "0"], "-n/--iters 0"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message):
     res = subprocess.run([sys.executable, "-m", "microbench", *argv], env=env(), cwd=REPO,
