@@ -11,34 +11,18 @@ output buffer from the rank's own slice of it, as torch and NCCL allow.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-from .collective import (CollectiveProbe, count_wrong, dp_bucket_elements, dp_collectives,
-                         pattern, sp_elements)
+from .collective import ShardedCollectiveProbe, count_wrong, pattern
 from .harness import Case, Context, main_for, torch_dtype
 
 
-class AllGather(CollectiveProbe):
+class AllGather(ShardedCollectiveProbe):
     name = "allgather"
     module = "microbench.allgather"
     kind = "allgather"
     redop = "none"
     description = __doc__.splitlines()[0]
-
-    def add_args(self, p: argparse.ArgumentParser) -> None:
-        super().add_args(p)
-        p.add_argument("--bucket-mb", type=float, default=None,
-                       help="--axis dp: bucket size in MiB (default: 3e7 elements, DeepSpeed's)")
-
-    def elements_multiple(self, n: int) -> int:
-        return n
-
-    def model_elements(self, ctx: Context) -> tuple:
-        if self.axis(ctx) == "dp":  # ZeRO-1: the updated bf16 parameters of one bucket
-            op = next(c for c in dp_collectives(ctx, zero=1).dp if c.kind == "allgather")
-            return op.name, min(op.elements, dp_bucket_elements(ctx, ctx.args.bucket_mb, op.dtype)), op.dtype
-        return sp_elements(ctx, "allgather")
 
     def make_buffers(self, ctx: Context, case: Case, *, seed: int, inplace: bool) -> Any:
         import torch

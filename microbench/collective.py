@@ -262,3 +262,22 @@ def sp_elements(ctx: Context, kind: str) -> tuple[str, int]:
         if c.kind == kind:
             return c.name, c.elements
     return f"tp_{kind}", w.activation_elements  # tp == 1: same shape, nobody to talk to
+
+
+class ShardedCollectiveProbe(CollectiveProbe):
+    """Allgather and reduce-scatter: S splits n ways; with a model they are either the
+    sequence-parallel pair over TP, or (``--axis dp``) one ZeRO-1 bucket of the DP sync."""
+
+    def add_args(self, p: argparse.ArgumentParser) -> None:
+        super().add_args(p)
+        p.add_argument("--bucket-mb", type=float, default=None,
+                       help="--axis dp: bucket size in MiB (default: 3e7 elements, DeepSpeed's)")
+
+    def elements_multiple(self, n: int) -> int:
+        return n
+
+    def model_elements(self, ctx: Context) -> tuple:
+        if self.axis(ctx) == "dp":  # ZeRO-1: this kind's half of the DP sync, one bucket of it
+            op = next(c for c in dp_collectives(ctx, zero=1).dp if c.kind == self.kind)
+            return op.name, min(op.elements, dp_bucket_elements(ctx, ctx.args.bucket_mb, op.dtype)), op.dtype
+        return sp_elements(ctx, self.kind)

@@ -11,33 +11,17 @@ busbw = algbw·(n−1)/n. Bounded by the group's links for large S, by latency f
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-from .collective import (CollectiveProbe, count_wrong, dp_bucket_elements, dp_collectives,
-                         pattern, sp_elements)
+from .collective import ShardedCollectiveProbe, count_wrong, pattern
 from .harness import Case, Context, main_for
 
 
-class ReduceScatter(CollectiveProbe):
+class ReduceScatter(ShardedCollectiveProbe):
     name = "reduce_scatter"
     module = "microbench.reduce_scatter"
     kind = "reduce_scatter"
     description = __doc__.splitlines()[0]
-
-    def add_args(self, p: argparse.ArgumentParser) -> None:
-        super().add_args(p)
-        p.add_argument("--bucket-mb", type=float, default=None,
-                       help="--axis dp: bucket size in MiB (default: 3e7 elements, DeepSpeed's)")
-
-    def elements_multiple(self, n: int) -> int:
-        return n
-
-    def model_elements(self, ctx: Context) -> tuple:
-        if self.axis(ctx) == "dp":  # ZeRO-1: the (fp32-accumulated) gradients of one bucket
-            op = next(c for c in dp_collectives(ctx, zero=1).dp if c.kind == "reduce_scatter")
-            return op.name, min(op.elements, dp_bucket_elements(ctx, ctx.args.bucket_mb, op.dtype)), op.dtype
-        return sp_elements(ctx, "reduce_scatter")
 
     def make_buffers(self, ctx: Context, case: Case, *, seed: int, inplace: bool) -> Any:
         n, count, dt = len(case.group_ranks), case.fields["count"], case.fields["dtype"]
