@@ -184,20 +184,25 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
     # DP gradient sync: reduce-scatter/allreduce buckets overlap the last micro-batch's
     # backward (exposed = max(t − window, f_exposed·t)); the ZeRO allgather follows the
     # optimizer and is exposed. ZeRO-3 gathers parameters in every forward and backward.
+    # Everything that can hide shares the same links and one window: the collectives'
+    # times add up before the window is subtracted (two collectives cannot both hide
+    # behind the same seconds of compute).
     dp_pl = group_placement(cfg, "dp", ranks_per_node=profile.ranks_per_node)
+    hideable, window = 0.0, 0.0
     for c in w.dp:
         t = profile.collective_time_s(c, crosses_nodes=dp_pl.crosses_nodes, num_groups=dp_pl.num_groups,
                                       ranks_per_node_in_group=dp_pl.ranks_per_node_in_group)
         if c.kind == "allgather" and p.zero_stage >= 3:
-            t *= 2 * m
-            window = m * stage_mb
+            hideable += t * 2 * m
+            window = max(window, m * stage_mb)
         elif c.overlappable:
-            window = t_b
+            hideable += t
+            window = max(window, m * stage_mb if p.zero_stage >= 3 else t_b)
         else:
-            window = 0.0
-        if dp_overlap and window > 0:
-            t = max(t - window, profile.overlap("dp") * t)
-        br["dp_sync"] += t
+            br["dp_sync"] += t
+    if dp_overlap and window > 0:
+        hideable = max(hideable - window, profile.overlap("dp") * hideable)
+    br["dp_sync"] += hideable
     br["optimizer"] = profile.bytes_time_s(w.optimizer_bytes, op="adamw")
     step = sum(br.values())
 

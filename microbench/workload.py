@@ -300,6 +300,7 @@ def memory_bytes(cfg: TrainConfig, *, stage: int | None = None) -> dict[str, int
         grads //= p.dp
     weights = params * dtype_bytes(m.dtype)
     if p.zero_stage >= 3:
-        weights //= p.dp
+        # partitioned, plus the gathered layer in use and the one prefetched behind it
+        weights = weights // p.dp + 2 * (m.layer_params // p.tp) * dtype_bytes(m.dtype)
     return {"weights": weights, "gradients": grads, "optimizer": opt_params * 12,
             "activations": activations}
