@@ -17,7 +17,6 @@ before and after, and the fitted knobs as YAML lines to commit with their proven
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as _dt
 import json
@@ -28,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from microbench.cli import ArgumentParser
 from microbench.config import ModelConfig, ParallelConfig, TrainConfig
 
 from .predict import predict
@@ -177,7 +177,7 @@ def calibrate(profile: SpecProfile, cases: Sequence[Case], *,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.calibrate", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m analysis.calibrate", description=__doc__.split("\n")[0])
     ap.add_argument("--system", required=True, help="spec profile to start from")
     ap.add_argument("--data", required=True, help="CSV of configurations and measured step times")
     ap.add_argument("--ranks-per-node", type=int, default=0, help="default: the system's")

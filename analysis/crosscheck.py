@@ -23,7 +23,6 @@ profile from their rows, the prediction, the reference step, and the comparison 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from microbench.cli import ArgumentParser
 from microbench.config import ModelConfig, ParallelConfig, TrainConfig, preset, with_layout
 from microbench.results import read_run
 
@@ -357,7 +357,7 @@ def run_local(layouts: Sequence[str], *, model: str, steps: int, warmup: int, ou
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.crosscheck", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m analysis.crosscheck", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="one measured run (run directory or Megatron log) vs its prediction")
     c.add_argument("measured", help="full_model.train run directory, or a Megatron-DeepSpeed log file")

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from microbench.cli import ArgumentParser
 from microbench import workload as _wl
 from microbench.config import PRESETS, ModelConfig, ParallelConfig, TrainConfig, preset, with_layout
 
@@ -292,7 +293,7 @@ def format_table(pr: Prediction) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.predict", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m analysis.predict", description=__doc__.split("\n")[0])
     add_config_args(ap)
     ap.add_argument("--no-dp-overlap", action="store_true", help="expose the whole DP gradient sync")
     ap.add_argument("--json", action="store_true", help="print one JSON object")

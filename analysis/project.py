@@ -11,13 +11,13 @@ that fit in device memory.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import sys
 from typing import Iterator, Sequence
 
+from microbench.cli import ArgumentParser
 from microbench.config import TrainConfig, with_layout
 
 from . import formulas
@@ -102,7 +102,7 @@ def _layout_str(c: TrainConfig) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.project", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m analysis.project", description=__doc__.split("\n")[0])
     add_config_args(ap)
     ap.add_argument("--nodes", type=int, nargs="+", help="node counts (default: powers of two to the machine)")
     ap.add_argument("--tokens", type=float, default=1e12, help="tokens for time-to-train (default 1e12)")
@@ -113,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(a)
         profile = load_profile(system=a.system, profile_dirs=a.profile)
+        bad = [n for n in a.nodes or [] if n < 1]
+        if bad:
+            raise ValueError(f"--nodes {bad[0]}: node counts must be ≥ 1")
         if a.search:
             if not a.nodes or len(a.nodes) != 1 or a.nodes[0] < 1:
                 raise ValueError(f"--search needs one positive --nodes count, got {a.nodes}")

@@ -16,7 +16,6 @@ field and both values (exit 2) unless ``--force``. Bad input is one ``error: …
 """
 from __future__ import annotations
 
-import argparse
 import html
 import os
 import sys
@@ -26,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from microbench.cli import ArgumentParser
 from microbench.config import ModelConfig, ParallelConfig, TrainConfig, preset, with_layout
 from microbench.results import iter_run_dirs, read_run
 
@@ -481,13 +481,9 @@ def build_report(run_dirs: Iterable[str | os.PathLike], *, out_dir: str | os.Pat
     return path
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"error: {message}\n")
-
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = _Parser(prog="python -m analysis.report", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n")[0])
     ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or a parent of several)")
     ap.add_argument("--out", help="output directory (default RUN_DIR/report, or report-<ids> for several)")
     ap.add_argument("--format", choices=("md", "html"), default="md")

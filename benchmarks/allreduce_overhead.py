@@ -17,13 +17,14 @@ import json
 import statistics
 import sys
 
+from microbench.cli import ArgumentParser
 from microbench.allreduce import AllReduce
 from microbench.harness import Context, Timer, make_grid, measure_case, parse_size
 from microbench.runtime import detect_launcher, init_world, spawn_local_world
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.allreduce_overhead")
+    p = ArgumentParser(prog="python -m benchmarks.allreduce_overhead")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("-b", default="1K")
     p.add_argument("-e", default="16M")

@@ -22,6 +22,7 @@ from full_model.jobscript import (AURORA_ENV, JobOptions, cpu_bind_list, deepspe
                                   layout_for, megatron_args, render_job_script)
 from full_model.logparse import (ITERATION_COLUMNS, ParseResult, format_iteration_line,
                                  parse_log, strip_prefix)
+from microbench.cli import ArgumentParser
 from microbench.config import PRESETS
 
 __all__ = ["AURORA_ENV", "ITERATION_COLUMNS", "JobOptions", "ParseResult", "cpu_bind_list",
@@ -124,10 +125,6 @@ def _cmd_script(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own exit is 2 already; keep it one line
-        self.exit(EXIT_USAGE, f"error: {message}\n")
-
 
 def _positive_int(text: str) -> int:
     try:
@@ -140,8 +137,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m full_model.megatron", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    ap = ArgumentParser(prog="python -m full_model.megatron", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=ArgumentParser)
 
     p = sub.add_parser("parse", help="read a Megatron-DeepSpeed log")
     p.add_argument("log", metavar="LOG", help="log file, or - for stdin")

@@ -26,6 +26,7 @@ import time
 from typing import Any, Sequence
 
 from microbench import results
+from microbench.cli import ArgumentParser
 from microbench.config import PRESETS, ModelConfig, TrainConfig, preset, with_layout
 from microbench.workload import megatron_lm_flop
 from microbench.harness import (Context, Probe, Timer, abort_rank, build_manifest, stability_warning, summarize,
@@ -43,7 +44,7 @@ MOTIF_LEN = 16  # synthetic data: Zipf-distributed motifs repeated along the seq
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"python -m {PROBE}", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog=f"python -m {PROBE}", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help=f"preset: {', '.join(PRESETS)}")
     for flag, what in (("layers", "num_layers"), ("hidden", "hidden"), ("heads", "num_heads"),
                        ("kv-heads", "num_kv_heads"), ("ffn", "ffn_hidden"), ("seq", "seq_len"),

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from .cli import ArgumentParser
 from . import results
 from .config import PRESETS, preset
 from .harness import (Probe, Timer, build_manifest, common_parser, probe_context, run_cases,
@@ -112,7 +113,7 @@ def auto_scale(cfg, *, device_kind: str, quick: bool) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m microbench", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m microbench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="alcf-1t", help=f"preset to measure and predict: {', '.join(PRESETS)}")
     p.add_argument("--system", default="aurora",
                    help="spec profile for what this run does not measure (analysis/systems/NAME.yaml)")

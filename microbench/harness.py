@@ -20,6 +20,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from .cli import ArgumentParser
 from . import results
 from .config import PRESETS, TrainConfig, preset, with_layout
 from .runtime import (BACKENDS, DEVICES, Grid, UsageError, World, detect_launcher,
@@ -163,7 +164,7 @@ class Context:
 # Command line
 
 def common_parser(probe: Probe) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {probe.module}", description=probe.description)
+    p = ArgumentParser(prog=f"python -m {probe.module}", description=probe.description)
     p.add_argument("-n", "--iters", type=int, default=probe.default_iters, help="timed iterations per case")
     p.add_argument("-w", "--warmup", type=int, default=probe.default_warmup, help="warm-up iterations per case")
     p.add_argument("-d", "--dtype", default=None, help="bf16|fp16|fp32|fp64 (default: the model's, else fp32)")

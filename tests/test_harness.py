@@ -80,3 +80,16 @@ def test_bad_flags_exit_2_with_one_line(args, message):
     assert len(lines) == 1 and lines[0].startswith("error: microbench.allreduce:")
     assert message in lines[0]
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("module, args", [
+    ("microbench.sendrecv", ["--model", "tiny", "--pp", "2", "--mode", "bogus"]),
+    ("microbench", ["--no-such-flag"]),
+    ("analysis.predict", ["--tp", "x"]),
+    ("full_model.train", ["--recompute", "some"]),
+])
+def test_argparse_errors_are_one_line_too(module, args):
+    res = subprocess.run([sys.executable, "-m", module, *args], env=env(),
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error: ")
