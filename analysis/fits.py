@@ -69,6 +69,11 @@ def fit_alpha_beta(sizes_bytes: Sequence[float], times_s: Sequence[float], *,
     def sse(c: tuple[float, float]) -> float:
         return float(np.sum((A @ np.array(c) - b) ** 2))
 
+    if len(x) < 2 or np.ptp(x) == 0:
+        # One size cannot separate latency from bandwidth. Such a point is a model-sized
+        # message (or a chunk of an optimizer step): let time scale with bytes rather than
+        # price every size the same. min() keeps the first of equal fits.
+        candidates.reverse()
     alpha, beta = min(candidates, key=sse)
     rel = (alpha + beta * x - t) / t
     return Fit(alpha_s=alpha, beta_s_per_byte=beta,

@@ -34,3 +34,9 @@ def test_noisy_fit_reports_residual_and_stays_non_negative():
 def test_bad_input(sizes, times):
     with pytest.raises(ValueError):
         fit_alpha_beta(sizes, times)
+
+
+def test_a_single_size_scales_with_bytes():
+    from analysis.fits import fit_alpha_beta
+    f = fit_alpha_beta([1e6], [1e-3])
+    assert f.alpha_s == 0 and f.time_s(2e6) == pytest.approx(2e-3)
