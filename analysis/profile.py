@@ -390,6 +390,9 @@ class MeasuredProfile(SystemProfile):
                 self.collective_fits[(str(k), int(n), bool(x))] = fit_alpha_beta(grp["size_bytes"].astype(float), grp["_t_s"])
                 self._sources["collective.inter" if x else "collective.intra"] = "measured"
         s = df[kind == "sendrecv"]
+        if "mode" in s.columns and (s["mode"] == "oneway").any():
+            # the predictor charges each direction on its own: price it from one-way transfers
+            s = s[s["mode"] == "oneway"]
         if len(s):
             s = s.assign(_x=s["crosses_nodes"].fillna(False).astype(bool) if "crosses_nodes" in s.columns else False)
             for x, grp in s.groupby("_x"):
