@@ -102,6 +102,8 @@ class Work:
     check: Callable[[], tuple[int, int]] = lambda: (0, 0)
     output: Any = None
     """The result buffer where there is a fixed one (for tests)."""
+    prepare: Callable[[], Any] | None = None
+    """Run before every iteration, untimed (a cache flush, for an op that starts cold)."""
 
 
 class ComputeProbe(Probe):
@@ -170,6 +172,10 @@ class ComputeProbe(Probe):
 
     def check(self, ctx: Context, case: Case, state: Work) -> tuple[int, int]:
         return state.check()
+
+    def prepare(self, ctx: Context, case: Case, state: Work) -> None:
+        if state.prepare is not None:
+            state.prepare()
 
     def cases(self, ctx: Context):
         ctx.extra.setdefault("device_name", _device_name(ctx))

@@ -120,6 +120,10 @@ class Probe:
         (e.g. to another communication library for ``--backend mpi4py``)."""
         self.run(ctx, case, state)
 
+    def prepare(self, ctx: "Context", case: Case, state: Any) -> None:
+        """Called before every iteration, outside the timed region: e.g. evict a cache that
+        the operation would not find warm inside a real step."""
+
     def finish(self, ctx: "Context", rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows derived from the measured ones after the last case (same on every rank):
         an extrapolated total, a ratio of cases. Written and printed like measured rows."""
@@ -355,6 +359,8 @@ def measure_case(probe: Probe, ctx: Context, case: Case, timer: Timer) -> dict[s
 
     warm, samples = [], []
     for i in range(args.warmup + args.iters):
+        if case.active:
+            probe.prepare(ctx, case, state)
         timer.sync()
         _control_barrier(ctx)
         t = timer.time(once) if case.active else 0.0

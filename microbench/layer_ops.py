@@ -17,7 +17,9 @@ AdamW: fp32 master weights, m and v, fp32 gradients, the model-dtype weight writ
 (``workload.adam_bytes_per_param``), over the rank's parameter shard (÷ dp under ZeRO-1).
 A shard larger than ``--adam-max-params`` is measured on a chunk of that size and the step
 time extrapolated linearly (``extrapolation``, ``time_us_step``): the op is a stream over
-memory, far beyond any cache at the chunk sizes used.
+memory. In a step the optimizer runs after the whole backward has evicted its state, so
+every iteration starts cold: a 256 MiB buffer is written before it, untimed
+(``cold_cache``) — without that a small shard is timed from cache, several times too fast.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .harness import Case, Context, layout_config, main_for
 from .runtime import UsageError
 from .workload import adam_bytes_per_param, workload
 
+FLUSH_BYTES = 256 << 20  # > 2× the largest last-level caches (H100 L2 50 MB, EPYC L3 ≤ 128 MB per CCD group)
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-2, (0.9, 0.95), 1e-8, 0.1  # Megatron's usual AdamW settings
 
 
@@ -65,7 +68,8 @@ def adamw_shape(cfg, *, scale: float = 1.0, max_params: int) -> dict[str, Any]:
     return {"op": "adamw", "phase": "step", "params": params, "measured_params": measured, "elements": measured,
             "extrapolation": params / measured, "bytes_moved": measured * per,
             "bytes_step": params * per, "dtype": cfg.model.dtype,
-            "zero_stage": cfg.parallel.zero_stage, "dp_size": cfg.parallel.dp}
+            "zero_stage": cfg.parallel.zero_stage, "dp_size": cfg.parallel.dp,
+            "cold_cache": True}  # a step's optimizer runs after the backward has evicted its state
 
 
 def _op_fn(cfg_f: dict[str, Any], name: str, params: dict[str, Any]):
@@ -162,6 +166,11 @@ def adamw_work(f: dict[str, Any], *, seed: int, device) -> Work:
         with torch.no_grad():
             weight.copy_(master)
 
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+
+    def evict() -> None:  # untimed: write more than any L2/L3 holds, so the step starts cold
+        flush.fill_(1)
+
     def check() -> tuple[int, int]:
         """After one step from zero state: m̂ = g, v̂ = g², so p ← p(1 − lr·wd) − lr·g/(|g| + ε)."""
         ref = p0 * (1 - LR * WEIGHT_DECAY) - LR * g0 / (g0.abs() + EPS)
@@ -169,7 +178,7 @@ def adamw_work(f: dict[str, Any], *, seed: int, device) -> Work:
         wrong = count_not_close(master.detach()[:k], ref, dtype="fp32") + \
             count_not_close(weight[:k], ref, dtype=f["dtype"])
         return wrong, 2 * k
-    return Work(run, check)
+    return Work(run, check, prepare=evict)
 
 
 class LayerOps(ComputeProbe):
