@@ -186,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         prof = SpecProfile.from_yaml(a.system)
-        cases = read_cases(a.data, ranks_per_node=a.ranks_per_node or prof.ranks_per_node)
+        if a.ranks_per_node < 0:
+            raise ValueError(f"--ranks-per-node {a.ranks_per_node}: must be ≥ 1")
+        if a.ranks_per_node:  # the node size is the machine's: it goes into the profile
+            prof = prof.with_knobs({"node.ranks_per_node": a.ranks_per_node})
+        cases = read_cases(a.data, ranks_per_node=prof.ranks_per_node)
         fitted, knobs, report = calibrate(prof, cases, max_evals=a.max_evals)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,7 +15,8 @@ import pandas as pd
 
 from microbench.results import ResultsError, iter_run_dirs, read_run
 
-MANIFEST_COLUMNS = ("hostname", "device", "backend", "launcher", "world_size", "model", "start_time")
+MANIFEST_COLUMNS = ("hostname", "device", "device_name", "backend", "launcher", "world_size", "model",
+                    "start_time")
 
 
 def _as_list(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:

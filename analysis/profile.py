@@ -62,13 +62,33 @@ class Placement:
 
 
 def group_placement(cfg: TrainConfig, axis: str, *, ranks_per_node: int) -> Placement:
-    """Where the first group of ``axis`` lives, Megatron order: rank = t + tp·(d + dp·p)."""
+    """Where the groups of ``axis`` live, Megatron order: rank = t + tp·(d + dp·p).
+
+    Every group is looked at (TP 8 on 12-rank nodes keeps group 0 inside a node but splits
+    group 1): a collective runs as slow as its worst group, so the placement is the worst
+    one — crosses nodes if any group does, the fewest ranks per node, the most nodes. A
+    group's node pattern depends only on its first rank modulo the node size, so at most
+    ranks_per_node distinct starts need looking at.
+    """
     p = cfg.parallel
     size, stride = {"tp": (p.tp, 1), "dp": (p.dp, p.tp), "pp": (p.pp, p.tp * p.dp)}[axis]
     rpn = ranks_per_node if ranks_per_node > 0 else p.world_size
-    nodes = len({(i * stride) // rpn for i in range(size)})
-    return Placement(crosses_nodes=nodes > 1, ranks_per_node_in_group=max(1, size // nodes),
-                     num_nodes=nodes, num_groups=p.world_size // size)
+    if axis == "tp":
+        starts = {(p.tp * j) % rpn for j in range(min(p.dp * p.pp, rpn))}
+    elif axis == "dp":
+        starts = {(t + p.tp * p.dp * k) % rpn for t in range(p.tp) for k in range(min(p.pp, rpn))}
+    else:
+        starts = {(t + p.tp * d) % rpn for t in range(p.tp) for d in range(min(p.dp, rpn))}
+    worst_nodes, fewest = 1, size
+    for r in starts:
+        per_node: dict[int, int] = {}
+        for i in range(size):
+            node = (r + i * stride) // rpn
+            per_node[node] = per_node.get(node, 0) + 1
+        worst_nodes = max(worst_nodes, len(per_node))
+        fewest = min(fewest, min(per_node.values()))
+    return Placement(crosses_nodes=worst_nodes > 1, ranks_per_node_in_group=max(1, fewest),
+                     num_nodes=worst_nodes, num_groups=p.world_size // size)
 
 
 class SystemProfile:
@@ -327,8 +347,8 @@ class MeasuredProfile(SystemProfile):
         self.ranks_per_node = fallback.ranks_per_node
         self.device_memory_gib = fallback.device_memory_gib
         self.gemm_table: dict[tuple[int, int, int, int, str], float] = {}
-        self.attention_rates: dict[str, list[tuple[float, float]]] = {}   # phase → [(flop, flop/s)]
-        self._fused: bool | None = None
+        self.attention_rates: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (path, phase) → [(flop, flop/s)]
+        self.measured_peak_tflops: float | None = None
         self.memop_fits: dict[str, Fit] = {}
         self.collective_fits: dict[tuple[str, int, bool], Fit] = {}
         self.p2p_fits: dict[bool, Fit] = {}
@@ -357,25 +377,32 @@ class MeasuredProfile(SystemProfile):
         kind = df["kind"] if "kind" in df.columns else None
         if kind is None:
             raise ValueError("measured rows have no 'kind' column")
+        for col in ("run_device", "run_device_name"):
+            if col in df.columns:
+                seen = sorted(set(df[col].dropna().astype(str)))
+                if len(seen) > 1:
+                    raise ValueError(f"profile rows come from different devices ({col}: "
+                                     f"{', '.join(seen)}): build one profile per machine")
         g = df[kind == "gemm"]
         if "op" in g.columns:
             g = g[g["op"].fillna("") != "peak"]
+        if "concurrent" in g.columns and (g["concurrent"] == "all").any():
+            g = g[g["concurrent"] != "one"]  # as in a step: every rank of the node busy
         for _, r in g.iterrows():
             key = (int(r["m"]), int(r["n"]), int(r["k"]), int(r.get("batch", 1) or 1), str(r.get("dtype", "bf16")))
             self.gemm_table[key] = r["_t_s"]
         if len(self.gemm_table):
             self._sources["gemm"] = "measured"
-        a = df[kind == "attention"]
-        paths = []
-        for _, r in a.iterrows():
+        # Attention: the rate of each path (fused / explicit) per phase. Which path a step
+        # takes is the framework's choice (the spec's attention_fused), not the probe's.
+        for _, r in df[kind == "attention"].iterrows():
             if r.get("flop") and r["_t_s"] > 0:
-                self.attention_rates.setdefault(str(r["phase"]), []).append((float(r["flop"]), float(r["flop"]) / r["_t_s"]))
-            paths.append(_extra(r, "path"))
+                path = r.get("path") if isinstance(r.get("path"), str) else _extra(r, "path")
+                rate = float(r["flop"]) / r["_t_s"]
+                self.attention_rates.setdefault((str(path or "fused"), str(r["phase"])), []).append(
+                    (float(r["flop"]), rate))
         if self.attention_rates:
             self._sources["attention"] = "measured"
-            known = [p for p in paths if p]
-            if known:
-                self._fused = max(set(known), key=known.count) == "fused"
         mo = df[(kind == "memop") & df["bytes_moved"].notna()] if "bytes_moved" in df.columns else df.iloc[0:0]
         for op, grp in mo.groupby("op"):
             self.memop_fits[str(op)] = fit_alpha_beta(grp["bytes_moved"].astype(float), grp["_t_s"])
@@ -387,6 +414,10 @@ class MeasuredProfile(SystemProfile):
         if len(c):
             c = c.assign(_x=c["crosses_nodes"].fillna(False).astype(bool) if "crosses_nodes" in c.columns else False)
             for (k, n, x), grp in c.groupby(["kind", "group_size", "_x"]):
+                if "num_groups" in grp.columns and grp["num_groups"].notna().any():
+                    # a step runs every group of an axis at once: prefer the rows measured so
+                    # (--groups all) over a group alone, never fit the two together
+                    grp = grp[grp["num_groups"] == grp["num_groups"].max()]
                 self.collective_fits[(str(k), int(n), bool(x))] = fit_alpha_beta(grp["size_bytes"].astype(float), grp["_t_s"])
                 self._sources["collective.inter" if x else "collective.intra"] = "measured"
         s = df[kind == "sendrecv"]
@@ -398,21 +429,30 @@ class MeasuredProfile(SystemProfile):
             for x, grp in s.groupby("_x"):
                 self.p2p_fits[bool(x)] = fit_alpha_beta(grp["size_bytes"].astype(float), grp["_t_s"])
                 self._sources["p2p.inter" if x else "p2p.intra"] = "measured"
+        # Overlap: only the DP sync's. The probe runs a collective beside *independent*
+        # GEMMs; Megatron's TP allreduces (no SP) feed the next op and stay on the critical
+        # path whatever the hardware could overlap, so a tp-axis figure is not applied.
         o = df[kind == "overlap"]
         for _, r in o.iterrows():
             ef = _extra(r, "exposed_fraction")
-            key = r.get("axis") if isinstance(r.get("axis"), str) else r.get("op")
-            if ef is not None and key:
-                self._overlap[str(key)] = min(1.0, max(0.0, float(ef)))
+            if ef is not None and r.get("axis") == "dp":
+                self._overlap["dp"] = min(1.0, max(0.0, float(ef)))
                 self._sources["overlap"] = "measured"
         # The node size of the target comes from the spec when there is one: a 2-rank run on a
         # laptop says nothing about how many tiles an Aurora node holds.
         if own_node and "ranks_per_node" in df.columns and df["ranks_per_node"].notna().any():
             self.ranks_per_node = int(df["ranks_per_node"].dropna().max())
-        # Efficiency is against the device the GEMMs ran on: its measured peak, when it has one.
+        # GEMMs measured here: MFU is against the nominal peak of *this* device (its
+        # datasheet, where the device is known), and no extrapolated GEMM may beat the best
+        # square GEMM it measured.
         if len(self.gemm_table) and "run_peak_tflops" in df.columns and df["run_peak_tflops"].notna().any():
-            self.peak_tflops = float(df["run_peak_tflops"].dropna().max())
-            self._sources["peak"] = "measured"
+            from microbench.compute import spec_peak
+            self.measured_peak_tflops = float(df["run_peak_tflops"].dropna().max())
+            name = str(df["run_device_name"].dropna().iloc[0]) if "run_device_name" in df.columns and \
+                df["run_device_name"].notna().any() else None
+            nominal = spec_peak(name, getattr(self.fallback, "dtype", "bf16"))
+            self.peak_tflops = nominal or self.measured_peak_tflops
+            self._sources["peak"] = "specified" if nominal else "measured"
 
     # pricing --------------------------------------------------------------------------
     def gemm_time_s(self, gemm: Gemm) -> float:
@@ -437,12 +477,14 @@ class MeasuredProfile(SystemProfile):
         t = spec_t * math.exp(num / den)
         # Extrapolating from small measured shapes with the spec's size dependence can promise
         # more than the device ever did: never faster than its measured ceiling.
-        if self._sources.get("peak") == "measured" and self.peak_tflops > 0:
-            t = max(t, gemm.flop / (self.peak_tflops * 1e12))
+        if self.measured_peak_tflops:
+            t = max(t, gemm.flop / (self.measured_peak_tflops * 1e12))
         return t
 
     def attention_time_s(self, att: Attention) -> float:
-        pts = self.attention_rates.get(att.phase)
+        path = "fused" if self.attention_fused else "explicit"
+        pts = self.attention_rates.get((path, att.phase)) or \
+            [pt for (_, ph), v in self.attention_rates.items() if ph == att.phase for pt in v]
         if not pts:
             return self.fallback.attention_time_s(att)
         lf = math.log(att.flop)
@@ -451,7 +493,7 @@ class MeasuredProfile(SystemProfile):
 
     @property
     def attention_fused(self) -> bool:
-        return self.fallback.attention_fused if self._fused is None else self._fused
+        return self.fallback.attention_fused
 
     def memop_time_s(self, op: MemOp) -> float:
         return self.bytes_time_s(op.bytes, op=op.name)

@@ -114,3 +114,45 @@ def test_measured_without_fallback_needs_peaks():
         MeasuredProfile.from_rows(df)
     with pytest.raises(ValueError, match="no rows"):
         MeasuredProfile.from_rows(df.assign(status="failed"), fallback="aurora")
+
+
+def test_placement_looks_at_every_group():
+    # TP 8 on 12-rank nodes: group 0 (ranks 0–7) fits a node, group 1 (8–15) straddles two
+    cfg = with_layout(preset("alcf-1t"), tp=8, pp=32, dp=3, global_batch=96 * 3)
+    tp = group_placement(cfg, "tp", ranks_per_node=12)
+    assert tp.crosses_nodes and tp.ranks_per_node_in_group == 4 and tp.num_nodes == 2
+
+
+def _attention_rows(fused_s, explicit_s):
+    w = workload(preset("tiny"))
+    fwd = next(a for a in w.attention if a.phase == "fwd")
+    return pd.DataFrame([
+        {"kind": "attention", "op": "attention_core", "phase": "fwd", "path": "fused",
+         "flop": fwd.flop, "time_us": fused_s * 1e6, "status": "ok"},
+        {"kind": "attention", "op": "attention_core", "phase": "fwd", "path": "explicit",
+         "flop": fwd.flop, "time_us": explicit_s * 1e6, "status": "ok"}]), fwd
+
+
+def test_attention_is_priced_on_the_path_the_framework_takes():
+    df, fwd = _attention_rows(1e-3, 4e-3)
+    spec = SpecProfile.from_yaml("aurora")
+    assert spec.attention_fused  # the Aurora spec runs fused attention
+    assert MeasuredProfile.from_rows(df, fallback=spec).attention_time_s(fwd) == pytest.approx(1e-3)
+    unfused = spec.with_knobs({"efficiency.attention_fused": False})
+    assert not unfused.attention_fused
+    assert MeasuredProfile.from_rows(df, fallback=unfused).attention_time_s(fwd) == pytest.approx(4e-3)
+
+
+def test_a_tp_overlap_figure_does_not_hide_blocking_allreduces():
+    df = pd.DataFrame([{"kind": "overlap", "op": "overlap", "axis": "tp", "status": "ok",
+                        "time_us": 1.0, "extra": {"exposed_fraction": 0.1}}])
+    prof = MeasuredProfile.from_rows(df, fallback="aurora")
+    assert prof.overlap("tp") == 1.0
+
+
+def test_rows_from_two_devices_are_refused():
+    df = pd.DataFrame([{"kind": "gemm", "op": "qkv", "phase": "fwd", "m": 8, "n": 8, "k": 8,
+                        "dtype": "bf16", "time_us": 1.0, "status": "ok", "run_device": d}
+                       for d in ("cuda", "xpu")])
+    with pytest.raises(ValueError, match="different devices"):
+        MeasuredProfile.from_rows(df, fallback="aurora")
