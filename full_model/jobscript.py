@@ -157,7 +157,8 @@ def megatron_args(cfg: TrainConfig, *, opts: JobOptions) -> list[str]:
     if m.gated_mlp:
         a += ["--swiglu"]
     if llama:
-        a += ["--normalization", "rmsnorm", "--use-rotary-position-embeddings",
+        # rotary instead of, not on top of, Megatron's learned absolute position embedding
+        a += ["--normalization", "rmsnorm", "--use-rotary-position-embeddings", "--no-position-embedding",
               "--disable-bias-linear", "--tokenizer-type", "Llama2Tokenizer",
               "--tokenizer-model", '"$TOKENIZER_MODEL"']
     else:
@@ -287,9 +288,8 @@ def render_job_script(cfg: TrainConfig, *, opts: JobOptions) -> str:
         "",
     ]
     if opts.with_probes:
-        probe = ["python", "-m", "microbench", "--model", m.name, "--tp", str(p.tp),
-                 "--pp", str(p.pp), "--dp", str(p.dp), "--mbs", str(p.micro_batch),
-                 "--gbs", str(p.global_batch)]
+        # the campaign measures this preset's per-rank shard and fits its groups to the allocation
+        probe = ["python", "-m", "microbench", "--model", m.name]
         out += [
             "# Component probes on the same allocation (microbench reads PALS_RANKID itself).",
             f"{launch} \\",

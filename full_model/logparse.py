@@ -302,6 +302,10 @@ def parse_log(path_or_lines: str | os.PathLike | Iterable[str]) -> ParseResult:
             iters.append(row)
             last_iter = row["iteration"]
 
+    # DeepSpeed's pipeline engine prints its own "steps: N" line beside Megatron's iteration
+    # line for the same step (steps_per_print): keep Megatron's, never count a step twice.
+    megatron_iters = {r["iteration"] for r in iters if r.get("format") != "deepspeed_pipe"}
+    iters = [r for r in iters if r.get("format") != "deepspeed_pipe" or r["iteration"] not in megatron_iters]
     return ParseResult(iterations=_frame(iters, ITERATION_COLUMNS),
                        timers=_frame(timers, TIMER_COLUMNS),
                        comms=_frame(comms, COMMS_COLUMNS),

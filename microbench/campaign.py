@@ -25,9 +25,9 @@ from typing import Any, Sequence
 
 from .cli import ArgumentParser
 from . import results
-from .config import PRESETS, preset
-from .harness import (Probe, Timer, build_manifest, common_parser, probe_context, run_cases,
-                      validate_common, validate_run_flags)
+from .config import PRESETS, preset, with_layout
+from .harness import (Probe, Timer, build_manifest, common_parser, layout_config, make_grid,
+                      probe_context, run_cases, validate_common, validate_run_flags)
 from .workload import workload
 from .runtime import BACKENDS, DEVICES, UsageError, detect_launcher, init_world, spawn_local_world
 
@@ -47,9 +47,27 @@ class Step:
         return getattr(importlib.import_module(self.module), self.cls)()
 
 
-def plan(args: argparse.Namespace, world_size: int, device_kind: str) -> list[Step]:
+def axis_size(cfg, axis: str, world_size: int, *, cap: int | None = None) -> int:
+    """The largest group of ``axis`` this world can form for the model: n divides the
+    world, the model's dimensions divide by n, n ≤ cap (TP stays inside a node). 1 = none."""
+    for n in range(min(world_size, cap or world_size), 1, -1):
+        if world_size % n:
+            continue
+        lay = {"tp": 1, "pp": 1, "dp": 1, axis: n}
+        lay["dp"] = world_size // (lay["tp"] * lay["pp"]) if axis != "dp" else n
+        try:
+            with_layout(cfg, **lay)
+        except ValueError:
+            continue
+        return n
+    return 1
+
+
+def plan(args: argparse.Namespace, world_size: int, device_kind: str, *,
+         ranks_per_node: int | None = None) -> list[Step]:
     """The campaign for a model on this world. Sizes come from the probes' model modes,
-    which take them from the workload; only iteration counts and scale are chosen here."""
+    which take them from the workload; here only iteration counts, scale and the group
+    sizes this world can form are chosen (TP inside a node, PP and DP over the rest)."""
     cfg = preset(args.model)
     n, w = (str(args.iters), str(args.warmup))
     common = ("--model", args.model, "-n", n, "-w", w, "--timeout-s", str(args.timeout_s),
@@ -59,7 +77,6 @@ def plan(args: argparse.Namespace, world_size: int, device_kind: str) -> list[St
     lay = cfg.parallel  # compute probes measure exactly the target's per-rank shard
     compute = (*common, "--tp", str(lay.tp), "--pp", str(lay.pp), "--dp", str(lay.dp),
                "--scale", f"{scale:g}")
-    W = str(world_size)
     sweep_max = "1M" if args.quick else "64M"
     steps = [
         # gemm measures the peak square GEMM first and layer_ops the peak copy: every
@@ -68,26 +85,37 @@ def plan(args: argparse.Namespace, world_size: int, device_kind: str) -> list[St
         Step("microbench.attention", "AttentionCore", (*compute, "--no-peak"), "attention core"),
         Step("microbench.layer_ops", "LayerOps", compute, "peak copy, memory-bound ops, AdamW"),
     ]
-    if world_size > 1:
-        sweep = ("-n", n, "-w", w, "--timeout-s", str(args.timeout_s), "--device", args.device,
-                 "--backend", args.backend, "--quiet", "-b", "4K", "-e", sweep_max, "-f", "8")
+    W = world_size
+    sweep = ("-n", n, "-w", w, "--timeout-s", str(args.timeout_s), "--device", args.device,
+             "--backend", args.backend, "--quiet", "-b", "4K", "-e", sweep_max, "-f", "8")
+    tp = axis_size(cfg, "tp", W, cap=ranks_per_node)
+    if tp > 1:  # every TP group of the world at once, as in a step
+        T = ("--tp", str(tp), "--dp", str(W // tp))
         steps += [
-            Step("microbench.allreduce", "AllReduce", (*common, "--tp", W, "--place", "in"),
+            Step("microbench.allreduce", "AllReduce", (*common, *T, "--place", "in"),
                  "TP allreduce of the [mbs·s, d] activation"),
-            Step("microbench.allreduce", "AllReduce", (*sweep, "--place", "in", "--tp", W, "--axis", "tp"),
+            Step("microbench.allreduce", "AllReduce", (*sweep, *T, "--place", "in", "--axis", "tp"),
                  "allreduce size sweep (α–β fit)"),
-            Step("microbench.allgather", "AllGather", (*sweep, "--place", "in", "--tp", W, "--axis", "tp"),
+            Step("microbench.allgather", "AllGather", (*sweep, *T, "--place", "in", "--axis", "tp"),
                  "allgather size sweep"),
-            Step("microbench.reduce_scatter", "ReduceScatter", (*sweep, "--place", "in", "--tp", W, "--axis", "tp"),
+            Step("microbench.reduce_scatter", "ReduceScatter", (*sweep, *T, "--place", "in", "--axis", "tp"),
                  "reduce-scatter size sweep"),
-            Step("microbench.sendrecv", "SendRecv", (*common, "--pp", W),
-                 "pipeline send/recv of the activation"),
-            Step("microbench.sendrecv", "SendRecv", (*sweep, "--pp", W), "send/recv size sweep"),
+        ]
+    pp = axis_size(cfg, "pp", W)
+    if pp > 1:
+        P = ("--pp", str(pp), "--dp", str(W // pp))
+        steps += [
+            Step("microbench.sendrecv", "SendRecv", (*common, *P), "pipeline send/recv of the activation"),
+            Step("microbench.sendrecv", "SendRecv", (*sweep, *P), "send/recv size sweep"),
+        ]
+    if W > 1:  # DP over the whole world, the gradient sized as the target's shard
+        D = ("--dp", str(W))
+        steps += [
             Step("microbench.dp_allreduce", "DpAllreduce",
-                 (*common, "--dp", W, *(("--bucket-mb", "4", "--max-bytes", "16M") if args.quick
-                                       else ("--max-bytes", "256M"))),
+                 (*common, *D, "--grad-tp", str(lay.tp), "--grad-pp", str(lay.pp),
+                  *(("--bucket-mb", "4", "--max-bytes", "16M") if args.quick else ("--max-bytes", "256M"))),
                  "DP gradient sync of one step"),
-            Step("microbench.overlap", "Overlap", (*common, "--dp", W, "--gemm-tp", str(lay.tp),
+            Step("microbench.overlap", "Overlap", (*common, *D, "--gemm-tp", str(lay.tp),
                                                    "--scale", f"{scale:g}"),
                  "DP bucket overlapped with a backward GEMM"),
         ]
@@ -95,6 +123,18 @@ def plan(args: argparse.Namespace, world_size: int, device_kind: str) -> list[St
     skip = set(args.skip.split(",")) if args.skip else set()
     return [s for s in steps if (only is None or s.module.split(".")[-1] in only)
             and s.module.split(".")[-1] not in skip]
+
+
+def check_steps(steps: list[Step], world_size: int) -> None:
+    """Every step's arguments, layout and grid, before anything is measured (UsageError)."""
+    for step in steps:
+        probe = step.probe()
+        pargs = common_parser(probe).parse_args(list(step.argv))
+        validate_common(pargs)
+        probe.validate(pargs)
+        if probe.layout_matches_world:
+            make_grid(pargs, world_size)
+            layout_config(pargs, world_size)
 
 
 def auto_scale(cfg, *, device_kind: str, quick: bool) -> float:
@@ -166,7 +206,8 @@ def progress(total: int, enabled: bool):
 
 def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
     world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
-    steps = plan(args, world.world_size, world.device_kind)
+    steps = plan(args, world.world_size, world.device_kind, ranks_per_node=world.ranks_per_node)
+    check_steps(steps, world.world_size)  # a bad step stops the run before anything is measured
     writer = None
     if world.rank == 0:
         args.out = args.out or str(results.default_out_dir("campaign"))
@@ -272,10 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:  # every step's arguments checked before any rank starts
             import torch
             guess = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-            for step in plan(args, args.ranks, guess):
-                probe = step.probe()
-                validate_common(common_parser(probe).parse_args(list(step.argv)))
-                probe.validate(common_parser(probe).parse_args(list(step.argv)))
+            check_steps(plan(args, args.ranks, guess, ranks_per_node=args.ranks), args.ranks)
         except UsageError as e:
             print(f"error: {MODULE}: {e}", file=sys.stderr)
             return 2

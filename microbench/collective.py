@@ -131,6 +131,11 @@ class CollectiveProbe(Probe):
         n = len(mine)
         active_groups = groups if args.groups == "all" else groups[:1]
         active = mine in active_groups
+        if ctx.world.backend == "mpi4py" and active:
+            # Create_group is collective over the group: do it here, on every member, before
+            # any case allocates (a member failing an allocation would leave the rest waiting
+            # in Create_group, where MPI has no timeout).
+            mpi_comm(ctx, mine)
         dtype = args.dtype
         mult = self.elements_multiple(n)
         if ctx.cfg is not None:
@@ -240,8 +245,18 @@ def dp_bucket_elements(ctx: Context, bucket_mb: float | None, dtype: str) -> int
 
 
 def dp_collectives(ctx: Context, *, zero: int | None = None):
-    """The workload's DP sync of one step (allreduce, or ZeRO-1 reduce-scatter + allgather)."""
+    """The workload's DP sync of one step (allreduce, or ZeRO-1 reduce-scatter + allgather).
+
+    ``--grad-tp/--grad-pp`` (where a probe has them) size the gradient as the shard of that
+    TP × PP layout — e.g. the target's — while the sync runs on this world's DP groups."""
     cfg = ctx.cfg
+    gtp, gpp = getattr(ctx.args, "grad_tp", None), getattr(ctx.args, "grad_pp", None)
+    if gtp or gpp:
+        try:
+            cfg = with_layout(cfg, tp=gtp or cfg.parallel.tp, pp=gpp or cfg.parallel.pp,
+                              dp=cfg.parallel.dp, global_batch=cfg.parallel.global_batch)
+        except ValueError as e:
+            raise UsageError(f"--grad-tp {gtp} --grad-pp {gpp}: {e}") from None
     if zero is not None and zero != min(cfg.parallel.zero_stage, 1):
         cfg = with_layout(cfg, zero_stage=zero)
     w = workload(cfg)

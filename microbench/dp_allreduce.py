@@ -52,6 +52,10 @@ class DpAllreduce(Probe):
                        help="0: allreduce; 1: reduce-scatter + allgather (default: the config's)")
         p.add_argument("--groups", default="all", choices=("all", "one"),
                        help="all DP groups at once (as in a step), or one with the rest idle")
+        p.add_argument("--grad-tp", type=int, default=None,
+                       help="size the gradient as the shard of this TP (e.g. the target's), "
+                            "while the sync runs on this world's DP groups")
+        p.add_argument("--grad-pp", type=int, default=None, help="likewise for PP")
 
     def validate(self, args: argparse.Namespace) -> None:
         if args.model is None:
@@ -61,6 +65,10 @@ class DpAllreduce(Probe):
         args.max_bytes_i = parse_size(args.max_bytes) if args.max_bytes is not None else None
         if args.dp == 1:
             raise UsageError("--dp 1: no DP gradient sync to measure (give --dp ≥ 2)")
+        for flag in ("grad_tp", "grad_pp"):
+            v = getattr(args, flag)
+            if v is not None and v < 1:
+                raise UsageError(f"--{flag.replace('_', '-')} {v}: must be a positive integer")
 
     def plan(self, ctx: Context) -> dict[str, Any]:
         """Bucket size, bucket counts and the extrapolation, from the workload (same on all ranks)."""

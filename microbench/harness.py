@@ -385,6 +385,7 @@ def measure_case(probe: Probe, ctx: Context, case: Case, timer: Timer) -> dict[s
         row["warning"] = warning
     if args.check:
         wrong, checked = 0, 0
+        del state  # the check's fresh buffers must fit where the timed ones were
         if case.active:
             fresh = probe.setup(ctx, case, seed=2)
             probe.call(ctx, case, fresh)
@@ -394,7 +395,6 @@ def measure_case(probe: Probe, ctx: Context, case: Case, timer: Timer) -> dict[s
         wrong, checked = _sum_control(ctx, [wrong, checked])
         row["num_wrong"], row["num_checked"] = wrong, checked
     row["status"] = "ok"
-    del state
     return row
 
 

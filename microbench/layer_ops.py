@@ -3,8 +3,8 @@
     mpiexec -n 2 python -m microbench.layer_ops --model alcf-1t --tp 12 --scale 0.25
 
 Every op here moves a few bytes per FLOP, so it is bounded by memory bandwidth: the figure is
-GB/s = bytes_moved / t with bytes_moved from the workload (read + written, backward ≈ 2×
-forward), and its % of the measured copy bandwidth (a large device copy, measured first).
+GB/s = bytes_moved / t with bytes_moved from the workload (the minimum read + written; per op
+in the workload), and its % of the measured copy bandwidth (a large device copy, measured first).
 Ops and element counts come from the workload (norm, rotary, swiglu|gelu, residual_add,
 softmax of the explicit attention path, and on the end stages embedding, final_norm,
 cross_entropy over the vocab shard); the op's inner dimension is the model's (hidden,

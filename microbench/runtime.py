@@ -68,13 +68,15 @@ def detect_launcher(env: Mapping[str, str] | None = None) -> LaunchInfo | None:
     if "PMI_RANK" in env:
         return LaunchInfo("mpich", _int(env, "PMI_RANK") or 0, _int(env, "PMI_SIZE"),
                           _int(env, "MPI_LOCALRANKID") or 0, _int(env, "MPI_LOCALNRANKS"))
-    if "PMIX_RANK" in env:
-        return LaunchInfo("pmix", _int(env, "PMIX_RANK") or 0, None,
-                          _int(env, "PMIX_LOCAL_RANK") or _int(env, "PALS_LOCAL_RANKID") or 0,
-                          _int(env, "PMIX_LOCAL_SIZE"))
+    # An srun step (srun --mpi=pmix sets PMIX_RANK too): Slurm knows the local rank.
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         return LaunchInfo("slurm", _int(env, "SLURM_PROCID") or 0, _int(env, "SLURM_NTASKS"),
-                          _int(env, "SLURM_LOCALID") or 0, None)
+                          _int(env, "SLURM_LOCALID") or 0, _int(env, "SLURM_NTASKS_PER_NODE"))
+    if "PMIX_RANK" in env:
+        local = _int(env, "PMIX_LOCAL_RANK")
+        return LaunchInfo("pmix", _int(env, "PMIX_RANK") or 0, None,
+                          local if local is not None else (_int(env, "PALS_LOCAL_RANKID") or 0),
+                          _int(env, "PMIX_LOCAL_SIZE"))
     return None
 
 

@@ -78,7 +78,7 @@ class MemOp:
     elements: int
     """Elements of the op's main input tensor (what a probe allocates)."""
     bytes: int
-    """Bytes read plus written (backward ≈ 2× forward: reads grad and input, writes grad)."""
+    """Bytes read plus written, the minimum the operation must move (see :func:`workload`)."""
     dtype: str = "bf16"
     count: int = 1
     explicit_attention_only: bool = False
@@ -192,17 +192,23 @@ def workload(cfg: TrainConfig, *, stage: int | None = None,
     # Memory-bound tail. Norms, residuals act on T/tp tokens under sequence parallelism.
     t_local = T // tp if p.sequence_parallel else T
     qk = T * (d + m.kv_hidden) // tp
-    fwd_ops = [
-        ("norm", t_local * d, 2 * t_local * d * el, 2),              # read x, write y; two per layer
-        ("rotary", qk, 2 * qk * el, 1),                              # q and k, read + write
-        ("swiglu" if m.gated_mlp else "gelu", T * f // tp,
-         (3 if m.gated_mlp else 2) * T * f // tp * el, 1),           # read gate+up, write product
-        ("residual_add", t_local * d, 3 * t_local * d * el, 2),      # read two, write one
+    # (name, elements, forward bytes, backward bytes, per layer): minimum traffic, read + write.
+    F = T * f // tp
+    ops = [
+        # norm: fwd reads x, writes y; bwd reads x and dy, writes dx. Two per layer.
+        ("norm", t_local * d, 2 * t_local * d * el, 3 * t_local * d * el, 2),
+        # rotary on q and k: a rotation each way, read + write.
+        ("rotary", qk, 2 * qk * el, 2 * qk * el, 1),
+        # SwiGLU: fwd reads gate and up, writes the product; bwd reads gate, up, dy, writes
+        # dgate and dup. GELU: fwd reads x, writes y; bwd reads x, dy, writes dx.
+        ("swiglu", F, 3 * F * el, 5 * F * el, 1) if m.gated_mlp else ("gelu", F, 2 * F * el, 3 * F * el, 1),
+        # residual: fwd reads two, writes one; bwd is the gradient sum where the branches meet.
+        ("residual_add", t_local * d, 3 * t_local * d * el, 3 * t_local * d * el, 2),
     ]
     memops = []
-    for name, elems, nbytes, count in fwd_ops:
-        memops.append(MemOp(name, "fwd", elems, nbytes, dt, count))
-        memops.append(MemOp(name, "bwd", elems, 2 * nbytes, dt, count))
+    for name, elems, fwd_bytes, bwd_bytes, count in ops:
+        memops.append(MemOp(name, "fwd", elems, fwd_bytes, dt, count))
+        memops.append(MemOp(name, "bwd", elems, bwd_bytes, dt, count))
     scores = p.micro_batch * heads * m.seq_len * m.seq_len
     memops.append(MemOp("softmax", "fwd", scores, 2 * scores * el, dt, 1, True))
     memops.append(MemOp("softmax", "bwd", scores, 3 * scores * el, dt, 1, True))
@@ -283,8 +289,9 @@ def memory_bytes(cfg: TrainConfig, *, stage: int | None = None) -> dict[str, int
     params = cfg.stage_params(stage)
     s, b, h, a, t = m.seq_len, p.micro_batch, m.hidden, m.num_heads, p.tp
     mlp_scale = m.ffn_hidden * (1.5 if m.gated_mlp else 1.0) / (4 * h)
-    # 34 = 10 (norm/attention inputs, replicated unless SP) + 24 (sharded: 11 attention + 13 MLP)
-    sharded = (11 + 13 * mlp_scale) / t
+    # 34 = 10 replicated unless SP (inputs, dropout masks, norms) + 24 sharded: 8 attention
+    # (Q, K, V, projection input) + 16 MLP (first linear output, activation output)
+    sharded = (8 + 16 * mlp_scale) / t
     replicated = 10 / t if p.sequence_parallel else 10
     attn = 0 if p.recompute == "selective" else 5 * a * s / (h * t)
     per_layer = s * b * h * (replicated + sharded + attn)

@@ -74,3 +74,12 @@ def test_quick_campaign_on_the_embedded_world(tmp_path):
     pred = json.loads((out / "prediction.json").read_text())
     assert pred["step_time_s"] > 0 and pred["sources"]["gemm"] == "measured"
     assert "measured here" in res.stdout and "specified" in res.stdout
+
+
+@pytest.mark.parametrize("world, tp, pp", [(2, 2, 2), (12, 12, 4), (24, 12, 8), (768, 12, 128)])
+def test_group_sizes_fit_the_model_and_the_node(world, tp, pp):
+    from microbench.campaign import axis_size, check_steps
+    cfg = alcf_1t()
+    assert axis_size(cfg, "tp", world, cap=12) == tp  # TP inside a 12-tile node, heads % tp == 0
+    assert axis_size(cfg, "pp", world) == pp          # 128 layers % pp == 0
+    check_steps(plan(args_for("--model", "alcf-1t"), world, "cpu", ranks_per_node=12), world)

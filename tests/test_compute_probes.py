@@ -63,10 +63,14 @@ def test_alcf_1t_tp12_attention_flops():
 def test_alcf_1t_tp12_memops_and_optimizer():
     got = {(s["op"], s["phase"]): (s["elements"], s["bytes_moved"]) for s in memop_shapes(ALCF)}
     td = 2048 * 24576  # 50,331,648 elements of [T, d], 2 bytes each
-    assert got[("norm", "fwd")] == (td, 2 * td * 2) and got[("norm", "bwd")] == (td, 4 * td * 2)
+    # norm: fwd reads x, writes y; bwd reads x and dy, writes dx
+    assert got[("norm", "fwd")] == (td, 2 * td * 2) and got[("norm", "bwd")] == (td, 3 * td * 2)
     assert got[("rotary", "fwd")] == (8_388_608, 33_554_432)          # T·(16+16 heads)·128
+    assert got[("rotary", "bwd")] == (8_388_608, 33_554_432)          # the inverse rotation
     assert got[("swiglu", "fwd")] == (16_777_216, 100_663_296)        # T·8192, read 2 write 1
+    assert got[("swiglu", "bwd")] == (16_777_216, 167_772_160)        # read 3 write 2
     assert got[("residual_add", "fwd")] == (td, 301_989_888)
+    assert got[("residual_add", "bwd")] == (td, 301_989_888)          # the gradient sum: one add
     assert got[("softmax", "fwd")] == (67_108_864, 268_435_456)       # 16 heads · 2048²
     assert got[("softmax", "bwd")] == (67_108_864, 402_653_184)
     assert got[("cross_entropy", "fwd")] == (5_505_024, 44_040_192)   # T·2688 · (2+2+4) B

@@ -236,3 +236,16 @@ def test_module_entry_point_has_no_traceback_for_user_errors(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_deepspeed_pipe_line_does_not_count_a_step_twice():
+    from full_model.megatron import parse_log
+    lines = [
+        "steps: 1 loss: 11.1000 iter time (s): 9.000 samples/sec: 56.9",
+        " iteration        1/      10 | consumed samples:          512 | elapsed time per iteration (ms): 9000.0 | global batch size:   512 | lm loss: 1.110000E+01 | TFLOPs: 50.00 |",
+        "steps: 2 loss: 10.9000 iter time (s): 5.000 samples/sec: 102.4",
+        " iteration        2/      10 | consumed samples:         1024 | elapsed time per iteration (ms): 5000.0 | global batch size:   512 | lm loss: 1.090000E+01 | TFLOPs: 90.00 |",
+    ]
+    it = parse_log(lines).iterations
+    assert it["iteration"].tolist() == [1, 2]
+    assert set(it["format"]) == {"upstream"}

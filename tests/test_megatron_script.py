@@ -103,10 +103,9 @@ def test_aurora_environment_is_set_and_recorded(capsys):
     assert text.index("env.txt") > text.index("export CCL_LOG_LEVEL")
 
 
-def test_with_probes_runs_microbench_first_with_the_same_layout(capsys):
+def test_with_probes_runs_microbench_first_on_the_same_allocation(capsys):
     text = script(capsys, "--model", "alcf-1t", "--nodes", "128", "--with-probes")
-    probe = text.index("python -m microbench --model alcf-1t --tp 12 --pp 64 --dp 2 "
-                       '--mbs 1 --gbs 1024 --out "$RUNDIR/probes"')
+    probe = text.index('python -m microbench --model alcf-1t --out "$RUNDIR/probes"')
     assert probe < text.index("pretrain_gpt_alcf.py")
     assert text.count("mpiexec --no-vni --pmi=pmix -np 1536 --ppn 12") == 2
 
@@ -155,3 +154,13 @@ def test_cpu_bind_blocks_are_disjoint_and_avoid_os_cores(rpn):
     assert len(spec.split(":")) - 1 == rpn
     assert len(cores) == len(set(cores)) and not {0, 52} & set(cores)
     assert max(cores) < 104
+
+
+def test_rotary_replaces_the_learned_position_embedding(capsys):
+    text = script(capsys, "--model", "alcf-1t", "--nodes", "64")
+    assert "--use-rotary-position-embeddings" in text and "--no-position-embedding" in text
+
+
+def test_the_campaign_accepts_the_flags_the_script_passes():
+    from microbench.campaign import parser
+    parser().parse_args(["--model", "alcf-1t", "--out", "x"])  # exits 2 if the flags drift

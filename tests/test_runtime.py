@@ -146,3 +146,15 @@ def test_tp_group_stays_inside_a_node_with_12_ranks_per_node():
     node = [r // 12 for r in range(g.size)]
     assert all(len({node[r] for r in grp}) == 1 for grp in g.groups("tp"))
     assert all(len({node[r] for r in grp}) > 1 for grp in g.groups("pp"))
+
+
+def test_srun_with_pmix_takes_the_local_rank_from_slurm():
+    env = {"PMIX_RANK": "9", "SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+           "SLURM_STEP_ID": "0"}
+    info = detect_launcher(env)
+    assert info.launcher == "slurm" and info.local_rank == 1
+
+
+def test_pmix_local_rank_zero_is_a_value_not_a_gap():
+    env = {"PMIX_RANK": "4", "PMIX_LOCAL_RANK": "0", "PALS_LOCAL_RANKID": "3"}
+    assert detect_launcher(env).local_rank == 0
