@@ -49,6 +49,11 @@ def _int(env: Mapping[str, str], key: str) -> int | None:
         raise UsageError(f"environment variable {key}={value!r} is not an integer") from None
 
 
+def _count(text: str | None) -> int | None:
+    """A plain count, or None for Slurm's compressed forms such as '2(x3),1'."""
+    return int(text) if text and text.isdigit() else None
+
+
 def detect_launcher(env: Mapping[str, str] | None = None) -> LaunchInfo | None:
     """The launcher that started this process, or None for a bare ``python`` run."""
     env = os.environ if env is None else env
@@ -71,7 +76,7 @@ def detect_launcher(env: Mapping[str, str] | None = None) -> LaunchInfo | None:
     # An srun step (srun --mpi=pmix sets PMIX_RANK too): Slurm knows the local rank.
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         return LaunchInfo("slurm", _int(env, "SLURM_PROCID") or 0, _int(env, "SLURM_NTASKS"),
-                          _int(env, "SLURM_LOCALID") or 0, _int(env, "SLURM_NTASKS_PER_NODE"))
+                          _int(env, "SLURM_LOCALID") or 0, _count(env.get("SLURM_NTASKS_PER_NODE")))
     if "PMIX_RANK" in env:
         local = _int(env, "PMIX_LOCAL_RANK")
         return LaunchInfo("pmix", _int(env, "PMIX_RANK") or 0, None,

@@ -158,3 +158,9 @@ def test_srun_with_pmix_takes_the_local_rank_from_slurm():
 def test_pmix_local_rank_zero_is_a_value_not_a_gap():
     env = {"PMIX_RANK": "4", "PMIX_LOCAL_RANK": "0", "PALS_LOCAL_RANKID": "3"}
     assert detect_launcher(env).local_rank == 0
+
+
+def test_slurm_compressed_tasks_per_node_is_not_an_error():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "7", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0",
+           "SLURM_NTASKS_PER_NODE": "2(x3),1"}
+    assert detect_launcher(env).local_size is None
