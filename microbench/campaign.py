@@ -259,23 +259,25 @@ def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def predict_and_summarise(args: argparse.Namespace, run_dir: str) -> int:
     """Price the target with this run's measurements over the --system spec (a subprocess:
     microbench does not import analysis) and print what was measured and what specified."""
-    cmd = [sys.executable, "-m", "analysis.predict", "--model", args.model, "--system", args.system,
-           "--profile", run_dir, "--json"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        print(f"error: {MODULE}: prediction failed ({' '.join(cmd[1:])}): "
-              f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}",
-              file=sys.stderr)
-        return 1
-    pred = json.loads(res.stdout)
-    path = os.path.join(run_dir, "prediction.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(pred, f, indent=2)
-    print(summary_text(args, pred, run_dir))
+    preds = {}
+    for name, extra in (("prediction", ["--profile", run_dir]), ("spec", [])):
+        cmd = [sys.executable, "-m", "analysis.predict", "--model", args.model,
+               "--system", args.system, *extra, "--json"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            print(f"error: {MODULE}: prediction failed ({' '.join(cmd[1:])}): "
+                  f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}",
+                  file=sys.stderr)
+            return 1
+        preds[name] = json.loads(res.stdout)
+        with open(os.path.join(run_dir, f"{name}.json"), "w", encoding="utf-8") as f:
+            json.dump(preds[name], f, indent=2)
+    print(summary_text(args, preds["prediction"], run_dir, spec=preds["spec"]))
     return 0
 
 
-def summary_text(args: argparse.Namespace, pred: dict[str, Any], run_dir: str) -> str:
+def summary_text(args: argparse.Namespace, pred: dict[str, Any], run_dir: str, *,
+                 spec: dict[str, Any] | None = None) -> str:
     cfg = preset(args.model)
     p = cfg.parallel
     lines = [f"# prediction: {args.model} on {p.world_size} ranks (tp {p.tp} pp {p.pp} dp {p.dp}, "
@@ -295,7 +297,11 @@ def summary_text(args: argparse.Namespace, pred: dict[str, Any], run_dir: str) -
     if seed:
         lines.append(f"#   benchmark's 2-term model: {seed['step_time_s']:.4g} s "
                      f"(α {seed['alpha']:.3g} s/MAC, β {seed['beta']:.3g} s/element)")
-    lines.append(f"#   rows: {run_dir}/rows.jsonl  prediction: {run_dir}/prediction.json")
+    if spec is not None:
+        lines.append(f"#   spec only     : {spec['step_time_s']:.4g} s, FOM {spec['fom']:.4g}, MFU "
+                     f"{100 * spec['mfu']:.1f}% — {args.system} as specified, nothing measured here")
+    lines.append(f"#   rows: {run_dir}/rows.jsonl  prediction: {run_dir}/prediction.json "
+                 f"(spec only: {run_dir}/spec.json)")
     lines.append(f"#   report: python -m analysis.report {run_dir}")
     return "\n".join(lines)
 
