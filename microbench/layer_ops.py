@@ -35,13 +35,6 @@ FLUSH_BYTES = 256 << 20  # > 2× the largest last-level caches (H100 L2 50 MB, E
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-2, (0.9, 0.95), 1e-8, 0.1  # Megatron's usual AdamW settings
 
 
-def inner_dim(cfg, name: str) -> int:
-    m, tp = cfg.model, cfg.parallel.tp
-    return {"norm": m.hidden, "final_norm": m.hidden, "residual_add": m.hidden, "embedding": m.hidden,
-            "rotary": (m.num_heads + m.num_kv_heads) // tp * m.head_dim, "swiglu": m.ffn_hidden // tp,
-            "gelu": m.ffn_hidden // tp, "softmax": m.seq_len, "cross_entropy": m.vocab_size // tp}[name]
-
-
 def memop_shapes(cfg, *, scale: float = 1.0) -> list[dict[str, Any]]:
     """Every memory-bound op of the workload (one row each for fwd/bwd), rows scaled."""
     w, out, seen = workload(cfg), [], set()
@@ -49,7 +42,7 @@ def memop_shapes(cfg, *, scale: float = 1.0) -> list[dict[str, Any]]:
         if (op.name, op.phase) in seen:
             continue
         seen.add((op.name, op.phase))
-        inner = inner_dim(cfg, op.name)
+        inner = op.inner
         rows = op.elements // inner
         assert rows * inner == op.elements and op.bytes % rows == 0, (op, inner)
         rows_s = scale_dim(rows, scale, f"{op.name} rows", multiple=8)

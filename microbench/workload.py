@@ -83,6 +83,8 @@ class MemOp:
     count: int = 1
     explicit_attention_only: bool = False
     """Only exists when attention is not fused (the separate softmax)."""
+    inner: int = 1
+    """The tensor's last dimension (elements = rows × inner): how a probe lays it out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,24 +196,26 @@ def workload(cfg: TrainConfig, *, stage: int | None = None,
     qk = T * (d + m.kv_hidden) // tp
     # (name, elements, forward bytes, backward bytes, per layer): minimum traffic, read + write.
     F = T * f // tp
+    qk_inner = (heads + kv_heads) * m.head_dim
     ops = [
         # norm: fwd reads x, writes y; bwd reads x and dy, writes dx. Two per layer.
-        ("norm", t_local * d, 2 * t_local * d * el, 3 * t_local * d * el, 2),
+        ("norm", t_local * d, 2 * t_local * d * el, 3 * t_local * d * el, 2, d),
         # rotary on q and k: a rotation each way, read + write.
-        ("rotary", qk, 2 * qk * el, 2 * qk * el, 1),
+        ("rotary", qk, 2 * qk * el, 2 * qk * el, 1, qk_inner),
         # SwiGLU: fwd reads gate and up, writes the product; bwd reads gate, up, dy, writes
         # dgate and dup. GELU: fwd reads x, writes y; bwd reads x, dy, writes dx.
-        ("swiglu", F, 3 * F * el, 5 * F * el, 1) if m.gated_mlp else ("gelu", F, 2 * F * el, 3 * F * el, 1),
+        ("swiglu", F, 3 * F * el, 5 * F * el, 1, f // tp) if m.gated_mlp else
+        ("gelu", F, 2 * F * el, 3 * F * el, 1, f // tp),
         # residual: fwd reads two, writes one; bwd is the gradient sum where the branches meet.
-        ("residual_add", t_local * d, 3 * t_local * d * el, 3 * t_local * d * el, 2),
+        ("residual_add", t_local * d, 3 * t_local * d * el, 3 * t_local * d * el, 2, d),
     ]
     memops = []
-    for name, elems, fwd_bytes, bwd_bytes, count in ops:
-        memops.append(MemOp(name, "fwd", elems, fwd_bytes, dt, count))
-        memops.append(MemOp(name, "bwd", elems, bwd_bytes, dt, count))
+    for name, elems, fwd_bytes, bwd_bytes, count, inner in ops:
+        memops.append(MemOp(name, "fwd", elems, fwd_bytes, dt, count, inner=inner))
+        memops.append(MemOp(name, "bwd", elems, bwd_bytes, dt, count, inner=inner))
     scores = p.micro_batch * heads * m.seq_len * m.seq_len
-    memops.append(MemOp("softmax", "fwd", scores, 2 * scores * el, dt, 1, True))
-    memops.append(MemOp("softmax", "bwd", scores, 3 * scores * el, dt, 1, True))
+    memops.append(MemOp("softmax", "fwd", scores, 2 * scores * el, dt, 1, True, inner=m.seq_len))
+    memops.append(MemOp("softmax", "bwd", scores, 3 * scores * el, dt, 1, True, inner=m.seq_len))
 
     # TP collectives of one layer (Megatron: 2 in forward, 2 in backward; the recompute
     # forward repeats the forward's 2). With SP each allreduce becomes AG + RS of the same S.
@@ -237,10 +241,10 @@ def workload(cfg: TrainConfig, *, stage: int | None = None,
     V = m.vocab_size // tp
     head_gemms = linear_gemms("lm_head", T, d, V, dt)
     head_memops = (
-        MemOp("embedding", "fwd", T * d, 2 * T * d * el, dt),          # gather rows, write
-        MemOp("final_norm", "fwd", T * d, 2 * T * d * el, dt),
+        MemOp("embedding", "fwd", T * d, 2 * T * d * el, dt, inner=d),          # gather rows, write
+        MemOp("final_norm", "fwd", T * d, 2 * T * d * el, dt, inner=d),
         # logits read in the model dtype, fp32 softmax statistics pass, gradient written.
-        MemOp("cross_entropy", "fwd", T * V, T * V * (2 * el + 4), dt),
+        MemOp("cross_entropy", "fwd", T * V, T * V * (2 * el + 4), dt, inner=V),
     )
 
     stage_params = cfg.stage_params(stage)
