@@ -515,8 +515,11 @@ def run_cases(probe: Probe, ctx: Context, timer: Timer, *, header: bool = True) 
             print(header_line(probe), flush=True)
         fault = _fault_injection(world.rank)
         for i, case in enumerate(cases):
-            if fault is not None and i == fault:
-                os._exit(17)  # fault injection for the tests: this rank dies mid-sweep
+            if fault is not None and i == fault[0]:
+                if fault[1] == "hang":  # fault injection for the tests: this rank hangs …
+                    while True:
+                        time.sleep(60)
+                os._exit(17)  # … or dies mid-sweep
             current = case.name
             row = measure_case(probe, ctx, case, timer)
             rows.append(row)
@@ -589,13 +592,14 @@ def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> in
     return 0
 
 
-def _fault_injection(rank: int) -> int | None:
-    """``MICROBENCH_FAULT=R:N`` makes rank R die before its case N (tests of a dead rank)."""
+def _fault_injection(rank: int) -> tuple[int, str] | None:
+    """``MICROBENCH_FAULT=R:N[:hang]`` makes rank R die (or hang) before its case N: the tests
+    of a dead and of a hung rank."""
     spec = os.environ.get("MICROBENCH_FAULT")
     if not spec:
         return None
-    who, _, when = spec.partition(":")
-    return int(when or 0) if int(who) == rank else None
+    who, when, *how = spec.split(":")
+    return (int(when or 0), how[0] if how else "die") if int(who) == rank else None
 
 
 def footer(probe: Probe, rows: list[dict[str, Any]]) -> None:

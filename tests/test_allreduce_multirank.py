@@ -95,3 +95,15 @@ def test_dead_rank_ends_the_run_and_keeps_earlier_rows(tmp_path):
     man, rows = read_run(tmp_path / "r")
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     assert rows[0]["num_wrong"] == 0 and man["status"] == "failed"
+
+
+def test_hung_rank_ends_the_run_within_the_timeout(tmp_path):
+    # run_local's own timeout (120 s) bounds the whole run: no endless hang
+    res = run_local("microbench.allreduce", "-b", "1K", "-e", "4K", "-f", "4", "-n", "2", "-w", "0",
+                    "--timeout-s", "5", "--out", str(tmp_path / "r"), ranks=2, timeout=120,
+                    MICROBENCH_FAULT="1:1:hang")
+    assert res.returncode != 0
+    assert "rank 0" in res.stderr and "group timeout 5 s" in res.stderr
+    assert "rank 1 still running" in res.stderr  # the launcher ends the hung rank
+    _, rows = read_run(tmp_path / "r")
+    assert [r["status"] for r in rows] == ["ok", "failed"]
