@@ -329,8 +329,11 @@ def run_local(layouts: Sequence[str], *, model: str, steps: int, warmup: int, ou
             key = (coll, world)  # a size sweep over the world: TP activations and DP buckets alike
             if key not in done and world > 1:
                 d = out / "probes" / f"{coll}-w{world}"
-                _run([py, "-m", f"microbench.{coll}", "-b", "4K", "-e", "16M", "-f", "4", "--ranks", str(world),
-                      "--quiet", "--out", str(d)], timeout=timeout, log=d.with_suffix(".log"))
+                # many iterations: the profile prices by the mean, and a small collective's
+                # latency on a shared host is heavy-tailed (the mean of 20 samples wanders)
+                _run([py, "-m", f"microbench.{coll}", "-b", "4K", "-e", "16M", "-f", "4", "-n", "100",
+                      "-w", "10", "--ranks", str(world), "--quiet", "--out", str(d)],
+                     timeout=timeout, log=d.with_suffix(".log"))
                 done[key] = [d]
             dirs += done.get(key, [])
         if pp > 1 and "sendrecv" in have:  # the pipeline activation/gradient at the step's shape
