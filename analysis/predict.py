@@ -196,9 +196,14 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
         if c.kind == "allgather" and p.zero_stage >= 3:
             hideable += t * 2 * m
             window = max(window, m * stage_mb)
+        elif c.overlappable and p.zero_stage >= 2:
+            # ZeRO-2/3 reduce-scatter the gradients in every micro-batch's backward
+            # (DeepSpeed's partitioned gradients cannot accumulate unreduced)
+            hideable += t * m
+            window = max(window, m * t_b)
         elif c.overlappable:
             hideable += t
-            window = max(window, m * stage_mb if p.zero_stage >= 3 else t_b)
+            window = max(window, t_b)
         else:
             br["dp_sync"] += t
     if dp_overlap and window > 0:

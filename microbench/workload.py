@@ -285,7 +285,7 @@ def memory_bytes(cfg: TrainConfig, *, stage: int | None = None) -> dict[str, int
     per layer s·b·h·(10 + 24/t + 5·a·s/(h·t)) bytes with TP, ÷t for the first term with
     sequence parallelism; 2·s·b·h per layer (the layer input) with full recompute; selective
     recompute drops the 5·a·s/h attention term. The 1F1B schedule keeps up to pp micro-batches
-    in flight on the first stage. The MLP term is scaled by f/(4h) for non-4h MLPs.
+    in flight on the first stage; the interleaved one about (1 + 1/v) times as many. The MLP term is scaled by f/(4h) for non-4h MLPs.
     """
     m, p = cfg.model, cfg.parallel
     if stage is None:
@@ -301,7 +301,16 @@ def memory_bytes(cfg: TrainConfig, *, stage: int | None = None) -> dict[str, int
     per_layer = s * b * h * (replicated + sharded + attn)
     if p.recompute == "full":
         per_layer = 2 * s * b * h / (t if p.sequence_parallel else 1)
-    in_flight = min(p.pp - stage, p.num_microbatches) if p.pp > 1 else 1
+    # Micro-batches whose activations a stage holds at the 1F1B peak: pp − stage. The
+    # interleaved schedule warms up with 2·(pp − stage − 1) + (v − 1)·pp chunk forwards
+    # (Megatron-LM, schedules.py) plus the one in flight, each chunk 1/v of the stage's layers.
+    if p.pp == 1:
+        in_flight = 1.0
+    elif p.interleave == 1:
+        in_flight = min(p.pp - stage, p.num_microbatches)
+    else:
+        chunks = 2 * (p.pp - stage - 1) + (p.interleave - 1) * p.pp + 1
+        in_flight = min(chunks, p.num_microbatches * p.interleave) / p.interleave
     activations = int(per_layer * cfg.layers_per_stage * in_flight)
     if p.recompute == "full":  # plus one layer's full working set during its recompute
         activations += int(s * b * h * (replicated + sharded + 5 * a * s / (h * t)))

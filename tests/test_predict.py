@@ -181,3 +181,14 @@ def test_cli_errors_are_one_line(argv, msg, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and msg in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_zero2_reduces_gradients_every_micro_batch():
+    from analysis.profile import SpecProfile
+    from microbench.config import preset, with_layout
+    prof = SpecProfile.from_yaml("aurora")
+    base = with_layout(preset("alcf-1t"), tp=12, pp=8, dp=8, global_batch=64)
+    z1 = predict(with_layout(base, zero_stage=1), prof, dp_overlap=False).breakdown_s["dp_sync"]
+    z2 = predict(with_layout(base, zero_stage=2), prof, dp_overlap=False).breakdown_s["dp_sync"]
+    m = base.parallel.num_microbatches
+    assert m > 1 and z2 > z1  # the reduce-scatter m times instead of once
