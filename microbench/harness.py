@@ -65,10 +65,6 @@ def torch_dtype(name: str):
     return getattr(torch, TORCH_DTYPES[name.lower()])
 
 
-def format_bytes(n: float) -> str:
-    return f"{int(n)}"
-
-
 @dataclass
 class Case:
     """One measured configuration. ``fields`` become row columns as they are."""
