@@ -20,29 +20,7 @@ from typing import Any, Callable
 
 from .harness import Case, Context, Probe, torch_dtype
 from .runtime import UsageError
-
-# Dense (no sparsity) spec peaks, TFLOP/s per device as torch sees it, and HBM GB/s.
-SPEC_PEAKS: dict[str, dict[str, float]] = {
-    # NVIDIA H100 SXM5 datasheet: bf16/fp16 989.4 dense, fp32 (non-tensor) 66.9, 3.35 TB/s.
-    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9, "gbps": 3350.0},
-    # NVIDIA H200 datasheet: same tensor cores as H100 SXM, 4.8 TB/s HBM3e.
-    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9, "gbps": 4800.0},
-    # NVIDIA A100 datasheet: bf16/fp16 312, fp32 19.5; 80GB SXM 2.04 TB/s (40GB: 1.56).
-    "A100-SXM4-80GB": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "gbps": 2039.0},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "gbps": 1555.0},
-    # Intel Data Center GPU Max 1550, one tile (torch sees a tile as a device): 448 EUs at
-    # 1.3 GHz → bf16 298 TFLOP/s (ALCF Aurora docs, DESIGN.md), HBM2e ~1 TB/s per tile.
-    "Max 1550": {"bf16": 298.0, "fp16": 298.0, "fp32": 22.9, "gbps": 1000.0},
-}
-
-
-def spec_peak(device_name: str | None, key: str) -> float | None:
-    """The spec figure (TFLOP/s for a dtype, or 'gbps') for a device name, else None."""
-    for marker, peaks in SPEC_PEAKS.items():  # most specific first within a family
-        if device_name and marker in device_name:
-            return peaks.get(key)
-    return None
-
+from .devices import spec_peak  # noqa: F401  (re-exported: the one device table)
 
 def scale_dim(value: int, scale: float, name: str, *, multiple: int = 1) -> int:
     """``value`` shrunk by ``scale`` (module docstring); ValueError names a dim that vanishes."""
