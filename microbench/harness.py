@@ -23,11 +23,12 @@ from pathlib import Path
 
 from . import results
 from .config import TrainConfig
-from .runtime import (EMBEDDED_ENV, Grid, UsageError, World, detect_launcher, init_world,
+from .runtime import (EMBEDDED_ENV, Grid, RendezvousFailure, UsageError, World, detect_launcher, init_world,
                       launched_rank, spawn_local_world)
 # The seams (re-exported: probes and tools import these names from the harness).
 from .lifecycle import (RUN, abort_rank, build_manifest, device_name,  # noqa: F401
-                        fail_fast, finish, install_signal_handlers, outcome, usage_exit)
+                        fail_fast, failure_exit, finish, install_signal_handlers, outcome,
+                        usage_exit)
 from .options import (CANONICAL_DTYPE, TORCH_DTYPES, canonical_dtype, check_memory,  # noqa: F401
                       check_out, common_parser, layout_config, make_grid, parse_size,
                       torch_dtype, validate_common, validate_run_flags)
@@ -285,6 +286,8 @@ def run_probe(probe: Probe, argv: Sequence[str] | None = None) -> int:
         return _run_rank(probe, args, argv)
     except UsageError as e:
         return usage_exit(str(e), after_init=True)
+    except RendezvousFailure as e:
+        return failure_exit(str(e))
 
 
 def probe_context(probe: Probe, args: argparse.Namespace, world: World) -> Context:

@@ -137,6 +137,15 @@ def device_name(world: World) -> str:
         return world.device_kind
 
 
+def failure_exit(message: str) -> int:
+    """A run that could not start (the rendezvous): one line from rank 0, exit 1, leaving at
+    once (torch.distributed may hold threads that a normal exit would abort on)."""
+    if RUN.rank == 0:
+        print(f"error: {RUN.module}: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_FAILED)
+
+
 def fail_fast(module: str, ctx: Context, case: str, exc: BaseException) -> None:
     """Name the rank, host, probe and case, keep the rows, and exit without waiting on peers."""
     abort_rank(module, ctx.world, ctx.writer, f"case {case}", exc,

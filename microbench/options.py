@@ -137,9 +137,13 @@ def check_out(path: str) -> None:
     written once (see :func:`microbench.results.check_out_dir`)."""
     from .results import check_out_dir
     try:
-        check_out_dir(path)
+        d = check_out_dir(path)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    try:  # the real test of "can this user write here" (root passes os.access everywhere)
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot create the run directory: {e.strerror}") from None
 
 
 def memory_per_rank_bytes(device: str, ranks_per_node: int) -> tuple[int, str] | None:

@@ -37,6 +37,10 @@ class RendezvousError(UsageError):
     """The rendezvous address cannot be used (unresolvable, port taken): one line, exit 2."""
 
 
+class RendezvousFailure(RuntimeError):
+    """The rendezvous did not complete in time (a rank never came): one line, exit 1."""
+
+
 @contextlib.contextmanager
 def deadline(seconds: float, message: str, *, rank: int):
     """Bound a step that may block in C++ (a TCP connect, a store handshake) where no Python
@@ -435,11 +439,12 @@ def init_world(*, device: str = "auto", backend: str = "auto", timeout_s: float 
             try:
                 store = dist.TCPStore(addr, port, info.world_size, info.rank == 0, timeout=timeout,
                                       wait_for_workers=False)
-            except (RuntimeError, OSError) as e:
-                raise RendezvousError(f"rendezvous at {where} failed: "
-                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-            dist.init_process_group(be, store=store, rank=info.rank, world_size=info.world_size,
-                                    timeout=timeout)
+                dist.init_process_group(be, store=store, rank=info.rank, world_size=info.world_size,
+                                        timeout=timeout)
+            except (RuntimeError, OSError) as e:  # DistStoreError, a refused connection
+                first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise RendezvousFailure(f"rendezvous at {where} did not complete within "
+                                        f"{timeout_s:g} s ({type(e).__name__}: {first[:160]})") from None
     with deadline(timeout_s, f"the control group did not form within {timeout_s:g} s", rank=info.rank):
         control = dist.new_group(backend="gloo", timeout=timeout) if be != "gloo" else \
             dist.new_group(list(range(info.world_size)), timeout=timeout)
