@@ -14,6 +14,7 @@ be read in one place. The rules (README, "Run directories and exit codes"):
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import sys
@@ -168,23 +169,33 @@ def abort_rank(module: str, world: World, writer: results.RunWriter | None, what
     print(msg, file=sys.stderr, flush=True)
     if os.environ.get("MICROBENCH_DEBUG"):
         traceback.print_exc()
-    _report(world.rank, msg)
+    reported = _report(world.rank, msg)
     failure = {"rank": world.rank, "host": world.hostname, "probe": row.get("probe"),
                "case": row.get("case"), "reason": msg}
-    try:
+    dead = world.dead_local_peers() if world.pids else []
+    if dead:
+        failure["dead_ranks"] = dead
+    try:  # write first: under MPICH, Hydra SIGKILLs every rank moments after one dies
         if writer is not None:
-            silent = _silent_ranks(world.world_size, world.rank)
-            if silent:
-                failure["ranks_without_report"] = silent
-                failure["reason"] = (f"rank(s) {', '.join(map(str, silent))} had not reported within {REPORT_WAIT_S:g} s "
-                                     f"(died, killed or hung); {msg}")
-            writer.write_row({**row, "status": "failed", "reason": failure["reason"]})
+            writer.write_row({**row, "status": "failed", "reason": msg})
             writer.close(status="failed", failure=failure)
-        elif RUN.run_dir is not None:
-            time.sleep(min(REPORT_WAIT_S, world.timeout_s) + 1)  # rank 0 closes it if alive
-            results.close_unclosed(RUN.run_dir, status="failed",
-                                   failure={**failure, "closed_by_rank": world.rank,
-                                            "reason": f"rank 0 ended without closing the run; {msg}"})
+        elif RUN.run_dir is not None:  # rank 0 may be dead, blocked, or about to be killed
+            failure["closed_by_rank"] = world.rank
+            if not reported:  # rank 0's store is gone: so is rank 0
+                failure["reason"] = f"rank 0 ended without closing the run; {msg}"
+            results.close_unclosed(RUN.run_dir, status="failed", failure=failure)
+        run_dir = writer.dir if writer is not None else RUN.run_dir
+        for _ in range(10 if run_dir is not None and not dead and world.pids else 0):
+            time.sleep(0.05)  # a peer's sockets close a moment before its process is gone
+            dead = world.dead_local_peers()
+            if dead:
+                _amend_failure(Path(run_dir), dead_ranks=dead)
+                break
+        if run_dir is not None and reported:
+            for wait_s in (0.5, REPORT_WAIT_S):  # a first answer soon, in case Hydra kills us
+                silent = _silent_ranks(world.world_size, world.rank, wait_s=wait_s)
+                if silent:  # name the ranks that never reported (died, killed or hung)
+                    _name_silent(Path(run_dir), silent, wait_s=wait_s)
     except OSError as e:  # disk full: the message above is all we can leave
         print(f"error: {module}: rank {world.rank}: could not record the failure: {e}",
               file=sys.stderr, flush=True)
@@ -192,24 +203,49 @@ def abort_rank(module: str, world: World, writer: results.RunWriter | None, what
     os._exit(EXIT_FAILED)
 
 
-def _report(rank: int, msg: str) -> None:
+def _name_silent(run_dir: Path, silent: list[int], *, wait_s: float) -> None:
+    """Add the ranks that sent no report to a failed manifest (whoever closed it)."""
+    _amend_failure(run_dir, ranks_without_report=silent,
+                   silent_reason=(f"rank(s) {', '.join(map(str, silent))} sent no failure report "
+                                  f"within {wait_s:g} s: died, killed or hung"))
+
+
+def _amend_failure(run_dir: Path, **fields: Any) -> None:
+    """Add what was learnt after closing to a ``failed`` manifest's failure (whoever closed it)."""
+    try:
+        manifest = json.loads((run_dir / results.MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    failure = manifest.get("failure")
+    if manifest.get("status") != "failed" or not isinstance(failure, dict):
+        return
+    if all(failure.get(k) == v for k, v in fields.items()):
+        return
+    failure.update(fields)
+    results.write_manifest(run_dir, manifest)
+
+
+def _report(rank: int, msg: str) -> bool:
+    """Leave this rank's failure in the store (hosted by rank 0); False when that fails, i.e.
+    rank 0 is gone."""
     store = RUN.store
     if store is None:
-        return
+        return True  # no store (MPI backend): nobody to ask; rank 0 closes if it can
     try:
         store.set_timeout(datetime.timedelta(seconds=2))
         store.set(f"microbench/abort/{rank}", msg)
+        return True
     except Exception:  # rank 0 (the store's host) is gone
-        pass
+        return False
 
 
-def _silent_ranks(world_size: int, me: int) -> list[int]:
-    """Ranks that left no failure report within REPORT_WAIT_S (died or were killed)."""
+def _silent_ranks(world_size: int, me: int, *, wait_s: float) -> list[int]:
+    """Ranks that left no failure report within ``wait_s`` (died or were killed)."""
     store = RUN.store
     if store is None or world_size == 1:
         return []
     keys = {r: f"microbench/abort/{r}" for r in range(world_size) if r != me}
-    deadline = time.monotonic() + REPORT_WAIT_S
+    deadline = time.monotonic() + wait_s
     missing = list(keys)
     try:
         while missing and time.monotonic() < deadline:

@@ -358,6 +358,8 @@ class World:
     mpi_comm: object = None
     store: object = None
     """The rendezvous store (None under the MPI backend): where failing ranks leave reports."""
+    pids: list[int] = field(default_factory=list)
+    """Every rank's process id: a failing rank names the peers on its host that are gone."""
     _groups: dict = field(default_factory=dict)
 
     @property
@@ -371,6 +373,27 @@ class World:
     @property
     def ranks_per_node(self) -> int:
         return self.hostnames.count(self.hostname)
+
+    def dead_local_peers(self) -> list[int]:
+        """Ranks on this host whose process has ended (gone or a zombie): who died, at once,
+        without waiting for a report a SIGKILLed rank cannot send."""
+        dead = []
+        for r, pid in enumerate(self.pids):
+            if r == self.rank or self.hostnames[r] != self.hostname:
+                continue
+            try:
+                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                if state in ("Z", "X"):
+                    dead.append(r)
+            except (OSError, IndexError):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    dead.append(r)
+                except OSError:
+                    pass
+        return dead
 
     def crosses_nodes(self, ranks: Sequence[int]) -> bool:
         return len({self.hostnames[r] for r in ranks}) > 1
@@ -449,12 +472,12 @@ def init_world(*, device: str = "auto", backend: str = "auto", timeout_s: float 
         control = dist.new_group(backend="gloo", timeout=timeout) if be != "gloo" else \
             dist.new_group(list(range(info.world_size)), timeout=timeout)
     names: list[object] = [None] * info.world_size
-    dist.all_gather_object(names, socket.gethostname(), group=control)
+    dist.all_gather_object(names, (socket.gethostname(), os.getpid()), group=control)
     return World(rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
                  launcher=info.launcher, device=dev, device_kind=kind,
                  backend="mpi4py" if measured == "mpi4py" else be,
-                 timeout_s=timeout_s, hostnames=[str(n) for n in names], control=control,
-                 mpi_comm=comm, store=store)
+                 timeout_s=timeout_s, hostnames=[str(n[0]) for n in names], control=control,
+                 mpi_comm=comm, store=store, pids=[int(n[1]) for n in names])
 
 
 # ---------------------------------------------------------------------------------------------
