@@ -158,6 +158,10 @@ def launched_rank(env: Mapping[str, str] | None = None) -> int:
     """This process's rank under a launcher, 0 without one or when the variables are bad:
     used to print a usage error once per run, before the launcher is validated."""
     env = os.environ if env is None else env
+    try:
+        check_launcher_agreement(env)
+    except UsageError:
+        return 0  # contradictory or out-of-range variables: no rank to trust, so say it
     for key in ("RANK", "PALS_RANKID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
         value = env.get(key, "")
         if value.isdigit():
