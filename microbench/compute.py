@@ -10,7 +10,9 @@ cores and XMX want them; the preset's dims all are). A dimension whose ``dim·F`
 is an error, not a silent 1. ``scale`` is recorded in every row.
 
 Efficiency denominators: the measured peak (a large square GEMM in the model dtype, a large
-device copy; see :mod:`microbench.peak`) and, where the device is known, its spec peak.
+device copy; defined at the end of this module, runnable alone as :mod:`microbench.peak`,
+which imports this module and never the other way round) and, where the device is known,
+its spec peak. Correctness tolerances: :mod:`microbench.checks`.
 """
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .harness import Case, Context, Probe, torch_dtype
-from .runtime import UsageError
 from .checks import count_gemm_wrong, count_not_close  # noqa: F401  (probes import it here)
 from .config import dtype_bytes
 from .devices import spec_peak  # noqa: F401  (re-exported: the one device table)
-from .harness import parse_size
+from .harness import Case, Context, Probe, parse_size, torch_dtype
+from .runtime import UsageError
+
 
 def scale_dim(value: int, scale: float, name: str, *, multiple: int = 1) -> int:
     """``value`` shrunk by ``scale`` (module docstring); ValueError names a dim that vanishes."""

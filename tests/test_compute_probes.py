@@ -258,3 +258,15 @@ def test_benchmark_json_rejects_other_json(tmp_path):
     bad.write_text('{"rows": []}')
     with pytest.raises(ResultsError, match="other.json: not pytest-benchmark JSON"):
         load(bad)
+
+
+def test_compute_does_not_import_peak():
+    """peak.py imports compute.py; the other way round would be a circle (issue 10)."""
+    import subprocess
+    import sys
+    from tests.launch import REPO, env
+    code = "import sys, microbench.compute, microbench.gemm, microbench.layer_ops; " \
+           "print('microbench.peak' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], env=env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert res.stdout.strip() == "False", res.stderr
