@@ -19,14 +19,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from pathlib import Path
+
 from . import results
 from .config import TrainConfig
-from .runtime import Grid, UsageError, World, detect_launcher, init_world, spawn_local_world
+from .runtime import (EMBEDDED_ENV, Grid, RendezvousFailure, UsageError, World, detect_launcher, init_world,
+                      launched_rank, spawn_local_world)
 # The seams (re-exported: probes and tools import these names from the harness).
-from .lifecycle import abort_rank, build_manifest, device_name, fail_fast  # noqa: F401
-from .options import (CANONICAL_DTYPE, TORCH_DTYPES, canonical_dtype, common_parser,  # noqa: F401
-                      layout_config, make_grid, parse_size, torch_dtype, validate_common,
-                      validate_run_flags)
+from .lifecycle import (RUN, abort_rank, build_manifest, device_name,  # noqa: F401
+                        fail_fast, failure_exit, finish, install_signal_handlers, outcome,
+                        usage_exit)
+from .options import (CANONICAL_DTYPE, TORCH_DTYPES, canonical_dtype, check_memory,  # noqa: F401
+                      check_out, common_parser, layout_config, make_grid, parse_size,
+                      torch_dtype, validate_common, validate_run_flags)
 from .table import footer, format_row, header_line  # noqa: F401
 from .timing import STABILITY_CV, Timer, stability_warning, summarize  # noqa: F401
 
@@ -110,6 +115,12 @@ class Probe:
 
     def manifest(self, ctx: "Context") -> dict[str, Any]:
         return {}
+
+    def max_buffer_bytes(self, args: argparse.Namespace) -> int | None:
+        """The largest single buffer one rank allocates, when known from the flags alone:
+        checked against the rank's share of memory before any rank starts (a lower bound:
+        a case may hold several such buffers). Default: the ``-e/--maxbytes`` of a sweep."""
+        return getattr(args, "maxbytes_i", None)
 
 
 @dataclass
@@ -250,30 +261,50 @@ def measure_case(probe: Probe, ctx: Context, case: Case, timer: Timer) -> dict[s
 
 
 def run_probe(probe: Probe, argv: Sequence[str] | None = None) -> int:
-    """The whole life of a probe invocation; returns the process exit code."""
+    """The whole life of a probe invocation; returns the process exit code (see
+    :mod:`microbench.lifecycle`: 0 ok, 1 a case failed, 2 usage error, 128+N a signal).
+
+    Everything that can be checked before a rank starts is checked here, by every process
+    alike, and printed once (rank 0, or the embedded world's parent): flags, finite numbers,
+    launcher variables, the layout against the world size, sizes against memory, ``--out``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    RUN.module, RUN.rank = probe.module, launched_rank()
+    RUN.announce = RUN.rank == 0 and not os.environ.get(EMBEDDED_ENV)
+    install_signal_handlers()
     parser = common_parser(probe)
     try:
         args = parser.parse_args(argv)
         validate_common(args)
         probe.validate(args)
         _fault_injection(-1)  # a malformed MICROBENCH_FAULT is a usage error up front
+        info = detect_launcher()
+        if info is None and args.backend == "mpi4py":
+            raise UsageError(f"--backend mpi4py needs an MPI launch (mpiexec -n N python -m "
+                             f"{probe.module} ...): the embedded local world has no MPI communicator")
+        world_size = args.ranks if info is None else info.world_size
+        if world_size is not None and probe.layout_matches_world:
+            make_grid(args, world_size)
+            layout_config(args, world_size)
+        check_memory(args, probe.max_buffer_bytes(args), ranks_per_node=(
+            args.ranks if info is None else info.local_size or 1))
+        if args.out is not None:
+            check_out(args.out)
+        elif info is None:  # the parent names the run directory, so it can close it
+            args.out = str(results.default_out_dir(probe.name))
+            argv = [*argv, "--out", args.out]
     except UsageError as e:
-        print(f"error: {probe.module}: {e}", file=sys.stderr)
-        return 2
-    if detect_launcher() is None:
-        if args.backend == "mpi4py":
-            print(f"error: {probe.module}: --backend mpi4py needs an MPI launch (mpiexec -n N python "
-                  f"-m {probe.module} ...): the embedded local world has no MPI communicator",
-                  file=sys.stderr)
-            return 2
+        return usage_exit(str(e))
+    if info is None:
         # No launcher: become the parent of an embedded local world of --ranks ranks.
-        return spawn_local_world(probe.module, argv, nprocs=args.ranks, timeout_s=args.timeout_s)
+        return spawn_local_world(probe.module, argv, nprocs=args.ranks, timeout_s=args.timeout_s,
+                                 run_dir=args.out)
     try:
         return _run_rank(probe, args, argv)
     except UsageError as e:
-        print(f"error: {probe.module}: {e}", file=sys.stderr)
-        return 2
+        return usage_exit(str(e), after_init=True)
+    except RendezvousFailure as e:
+        return failure_exit(str(e))
 
 
 def probe_context(probe: Probe, args: argparse.Namespace, world: World) -> Context:
@@ -349,20 +380,36 @@ def _emit(probe: Probe, ctx: Context, row: dict[str, Any], *, show: bool, derive
 
 def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> int:
     world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
+    RUN.rank, RUN.world_size, RUN.store = world.rank, world.world_size, world.store
     ctx = probe_context(probe, args, world)
     if world.rank == 0:
         out = args.out or str(results.default_out_dir(probe.name))
-        ctx.writer = results.RunWriter(out, build_manifest(probe, ctx, argv))
+        try:
+            ctx.writer = results.RunWriter(out, build_manifest(probe, ctx, argv))
+        except (ValueError, OSError) as e:  # --out taken meanwhile, or unwritable
+            ctx.writer = None
+            fail_fast(probe.module, ctx, "creating the run directory", e)
+        RUN.writer = ctx.writer
+    RUN.run_dir = Path(share_from_rank0(world, str(ctx.writer.dir) if ctx.writer else None))
     rows = run_cases(probe, ctx, Timer(world))
+    code = outcome(rows)[1]  # rows are the same on every rank: every rank exits alike
     if ctx.writer is not None:
         footer(probe, rows)
-        ctx.writer.close(status="ok")
+        finish(ctx.writer, rows, host=world.hostname)
         if not args.quiet:
             print(f"# rows: {ctx.writer.dir / results.ROWS}")
     import torch.distributed as dist
     dist.barrier(group=world.control)
     dist.destroy_process_group()
-    return 0
+    return code
+
+
+def share_from_rank0(world: World, value: Any) -> Any:
+    """Rank 0's value on every rank (over the control group)."""
+    import torch.distributed as dist
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=world.control)
+    return box[0]
 
 
 def _fault_injection(rank: int) -> tuple[int, str] | None:

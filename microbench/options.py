@@ -7,6 +7,8 @@ launched world before it initialises anything).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from typing import TYPE_CHECKING, Sequence
 
 from .cli import ArgumentParser
@@ -15,6 +17,8 @@ from .runtime import BACKENDS, DEVICES, Grid, UsageError
 
 if TYPE_CHECKING:
     from .harness import Probe
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: far above any real run, far below timedelta's limit
 
 TORCH_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "half": "float16",
                 "float16": "float16", "fp32": "float32", "float": "float32", "float32": "float32",
@@ -33,6 +37,8 @@ def parse_size(text: str) -> int:
         value = float(digits) * mult
     except ValueError:
         raise UsageError(f"size {text!r} is not a number with an optional K/M/G suffix") from None
+    if not math.isfinite(value):
+        raise UsageError(f"size {text!r} must be a finite number of bytes")
     if value <= 0 or value != int(value):
         raise UsageError(f"size {text!r} must be a positive whole number of bytes")
     return int(value)
@@ -78,8 +84,9 @@ def validate_run_flags(args: argparse.Namespace, *, backends: Sequence[str] = BA
                              ("--ranks", args.ranks, 1)):
         if value < low:
             raise UsageError(f"{flag} {value}: must be ≥ {low}")
-    if not args.timeout_s > 0:
-        raise UsageError(f"--timeout-s {args.timeout_s}: must be > 0")
+    if not 0 < args.timeout_s <= MAX_TIMEOUT_S:  # also refuses nan and inf
+        raise UsageError(f"--timeout-s {args.timeout_s}: must be > 0 and ≤ {MAX_TIMEOUT_S:g} "
+                         "(a finite number of seconds)")
     if args.backend not in backends:
         raise UsageError(f"--backend {args.backend!r}: choose one of {', '.join(backends)}")
     if args.device not in DEVICES:
@@ -123,3 +130,49 @@ def make_grid(args: argparse.Namespace, world_size: int) -> Grid:
     if grid.size != world_size:
         raise UsageError(f"tp({tp}) × pp({pp}) × dp({dp}) = {grid.size} ≠ world {world_size}")
     return grid
+
+
+def check_out(path: str) -> None:
+    """``--out`` must be a new (or empty) directory this user can create: a run directory is
+    written once (see :func:`microbench.results.check_out_dir`)."""
+    from .results import check_out_dir
+    try:
+        d = check_out_dir(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:  # the real test of "can this user write here" (root passes os.access everywhere)
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot create the run directory: {e.strerror}") from None
+
+
+def memory_per_rank_bytes(device: str, ranks_per_node: int) -> tuple[int, str] | None:
+    """(bytes, how) one rank may use: a device's memory, or the host's RAM shared by the ranks
+    of a node for the CPU. None where it cannot be known without starting a device."""
+    if device in ("auto", "cpu"):
+        try:
+            import torch
+            if device == "auto" and (torch.cuda.is_available() or
+                                     (hasattr(torch, "xpu") and torch.xpu.is_available())):
+                kind = "cuda" if torch.cuda.is_available() else "xpu"
+                total = getattr(torch, kind).get_device_properties(0).total_memory
+                return int(total), f"{kind} device memory {total / 2**30:.1f} GiB"
+        except Exception:
+            return None
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+        n = max(1, ranks_per_node)
+        return ram // n, f"{ram / 2**30:.1f} GiB RAM / {n} rank(s) on this node"
+    return None
+
+
+def check_memory(args: argparse.Namespace, need_bytes: int | None, *, ranks_per_node: int) -> None:
+    """Refuse a buffer larger than one rank's memory before any rank starts (``-e 1T``)."""
+    if not need_bytes:
+        return
+    have = memory_per_rank_bytes(args.device, ranks_per_node)
+    if have is not None and need_bytes > have[0]:
+        raise UsageError(f"a buffer of {need_bytes / 2**30:.4g} GiB does not fit one rank's "
+                         f"memory ({have[0] / 2**30:.4g} GiB: {have[1]}); lower -e/--maxbytes")

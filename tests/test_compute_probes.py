@@ -173,13 +173,13 @@ def _rows(out_dir):
 @pytest.mark.parametrize("module,args", [
     # fp32: the same alcf-1t TP-12 shapes; bf16 matmul is ~40× slower on an AVX2-only CPU
     ("microbench.gemm", ["--model", "alcf-1t", "--tp", "12", "--scale", "0.0625", "-d", "fp32"]),
-    ("microbench.attention", ["--model", "alcf-1t", "--tp", "12", "--scale", "0.125"]),
+    ("microbench.attention", ["--model", "alcf-1t", "--tp", "12", "--scale", "0.125", "-d", "fp32"]),
     ("microbench.layer_ops", ["--model", "alcf-1t", "--tp", "12", "--scale", "0.0625",
-                              "--adam-max-params", "1000000", "--copy-bytes", "16M"]),
+                              "--adam-max-params", "1000000", "--copy-bytes", "16M", "-d", "fp32"]),
     ("microbench.peak", ["--model", "tiny", "--peak-size", "512", "--copy-bytes", "16M"]),
 ])
 def test_two_rank_run(tmp_path, module, args):
-    res = run_local(module, *args, "-n", "3", "-w", "1", "--out", str(tmp_path / "run"), ranks=2, timeout=80)
+    res = run_local(module, *args, "-n", "3", "-w", "1", "--out", str(tmp_path / "run"), ranks=2, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
     df = _rows(tmp_path / "run")
     assert (df["status"] == "ok").all() and (df["num_wrong"] == 0).all()
@@ -236,7 +236,7 @@ def test_benchmark_json_loads(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pytest", "--benchmark-only", "-q", "-p", "no:randomly",
                           "tests/test_bench_compute.py", "-k", "gemm and fwd or adamw",
                           f"--benchmark-json={out}"], cwd=REPO, env=env(), capture_output=True,
-                         text=True, timeout=80)
+                         text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-2000:]
     from analysis.load import load
     df = load(out)

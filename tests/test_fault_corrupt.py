@@ -38,6 +38,9 @@ def test_corrupted_result_fails_the_case(tmp_path, probe, mode):
     out = tmp_path / "run"
     res = run_local(f"microbench.{probe}", *PROBES[probe], "-n", "1", "-w", "0", "--out", str(out),
                     ranks=2, timeout=150, MICROBENCH_FAULT=f"corrupt:1:{mode}")
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]  # nccl-tests: wrong → 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
     rows = [r for r in _rows(out) if "num_wrong" in r]
     assert rows, res.stdout[-2000:] + res.stderr[-2000:]
     for r in rows:
