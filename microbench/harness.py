@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from pathlib import Path
 
@@ -104,6 +104,11 @@ class Probe:
         """(wrong, checked) elements after one run on fresh data."""
         return 0, 0
 
+    def result(self, ctx: "Context", case: Case, state: Any) -> list:
+        """The tensors :meth:`check` reads; ``MICROBENCH_FAULT=corrupt:…`` perturbs them
+        between the checked call and the check, so every check is tested end to end."""
+        return []
+
     def metrics(self, ctx: "Context", case: Case, time_s: float) -> dict[str, Any]:
         """Rates from the statistic's time (s): busbw, TFLOP/s, GB/s..."""
         return {}
@@ -166,12 +171,14 @@ def _gather_samples(ctx: Context, samples: list[float]):
     return torch.stack(allr)  # [world, iters]
 
 
-def _sum_control(ctx: Context, values: Sequence[int]) -> list[int]:
+def _gather_control(ctx: Context, values: Sequence[int]):
+    """Every rank's ``values`` over the control group: an int64 tensor [world, len]."""
     import torch
     import torch.distributed as dist
-    t = torch.tensor(list(values), dtype=torch.int64)
-    dist.all_reduce(t, group=ctx.world.control)
-    return [int(v) for v in t.tolist()]
+    mine = torch.tensor(list(values), dtype=torch.int64)
+    allr = [torch.empty_like(mine) for _ in range(ctx.world.world_size)]
+    dist.all_gather(allr, mine, group=ctx.world.control)
+    return torch.stack(allr)
 
 
 def measure_case(probe: Probe, ctx: Context, case: Case, timer: Timer) -> dict[str, Any]:
@@ -234,10 +241,19 @@ def measure_case(probe: Probe, ctx: Context, case: Case, timer: Timer) -> dict[s
             fresh = probe.setup(ctx, case, seed=2)
             probe.call(ctx, case, fresh)
             timer.sync()
+            corrupt = _corruption(ctx.rank)
+            if corrupt is not None:  # fault injection: this rank's result is made wrong
+                corrupt(probe.result(ctx, case, fresh))
             wrong, checked = probe.check(ctx, case, fresh)
             del fresh
-        wrong, checked = _sum_control(ctx, [wrong, checked])
+        per_rank = _gather_control(ctx, [wrong, checked])  # [world, 2]
+        wrong, checked = (int(v) for v in per_rank.sum(dim=0).tolist())
         row["num_wrong"], row["num_checked"] = wrong, checked
+        if wrong:  # nccl-tests: a wrong result fails the case (and the run)
+            by_rank = ", ".join(f"rank {r}: {int(w)}" for r, w in enumerate(per_rank[:, 0].tolist()) if w)
+            row["status"] = "failed"
+            row["reason"] = f"check: {wrong} of {checked} elements wrong ({by_rank})"
+            return row
     row["status"] = "ok"
     return row
 
@@ -261,6 +277,7 @@ def run_probe(probe: Probe, argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         validate_common(args)
         probe.validate(args)
+        _fault_injection(-1)  # a malformed MICROBENCH_FAULT is a usage error up front
         info = detect_launcher()
         if info is None and args.backend == "mpi4py":
             raise UsageError(f"--backend mpi4py needs an MPI launch (mpiexec -n N python -m "
@@ -397,12 +414,58 @@ def share_from_rank0(world: World, value: Any) -> Any:
 
 def _fault_injection(rank: int) -> tuple[int, str] | None:
     """``MICROBENCH_FAULT=R:N[:hang]`` makes rank R die (or hang) before its case N: the tests
-    of a dead and of a hung rank."""
+    of a dead and of a hung rank. (``corrupt:…`` is :func:`_corruption`'s.)"""
     spec = os.environ.get("MICROBENCH_FAULT")
     if not spec:
         return None
-    who, when, *how = spec.split(":")
-    return (int(when or 0), how[0] if how else "die") if int(who) == rank else None
+    if spec.startswith("corrupt:"):
+        _corruption(rank)  # a malformed spec is a usage error before the first case
+        return None
+    try:
+        who, when, *how = spec.split(":")
+        fault = (int(when or 0), how[0] if how else "die")
+        if fault[1] not in ("die", "hang") or len(how) > 1:
+            raise ValueError
+        return fault if int(who) == rank else None
+    except ValueError:
+        raise UsageError(f"MICROBENCH_FAULT={spec!r}: expected R:N[:hang] or "
+                         "corrupt:R:scale=F|nan|zero") from None
+
+
+def _corruption(rank: int) -> Callable[[list], None] | None:
+    """``MICROBENCH_FAULT=corrupt:R:scale=F|nan|zero``: after rank R's checked call (fresh
+    data) and before its check, every result tensor the probe names (:meth:`Probe.result`)
+    is scaled by F, gets a NaN in its first element, or is zeroed — so each check is shown
+    catching a wrong result end to end. None on every other rank or without the variable."""
+    spec = os.environ.get("MICROBENCH_FAULT", "")
+    if not spec.startswith("corrupt:"):
+        return None
+    _, who, how = (spec.split(":", 2) + ["", ""])[:3]
+    mode, _, value = how.partition("=")
+    try:
+        target = int(who)
+        factor = float(value) if mode == "scale" else None
+        if mode not in ("scale", "nan", "zero") or (mode != "scale" and value):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"MICROBENCH_FAULT={spec!r}: expected corrupt:R:scale=F, corrupt:R:nan "
+                         "or corrupt:R:zero") from None
+    if target != rank:
+        return None
+
+    def corrupt(tensors: list) -> None:
+        import torch
+        with torch.no_grad():
+            for t in tensors:
+                if t.numel() == 0:
+                    continue
+                if mode == "scale":
+                    t.mul_(factor)
+                elif mode == "zero":
+                    t.zero_()
+                else:
+                    t[(0,) * t.dim()] = float("nan")
+    return corrupt
 
 
 

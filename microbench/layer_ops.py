@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .compute import ComputeProbe, Work, count_not_close, randn, scale_dim
+from .compute import ComputeProbe, Work, copy_peak_case, count_not_close, randn, scale_dim
 from .harness import Case, Context, layout_config, main_for
 from .runtime import UsageError
 from .workload import adam_bytes_per_param, workload
@@ -139,7 +139,7 @@ def memop_work(f: dict[str, Any], *, seed: int, device) -> Work:
             ref = torch.autograd.grad(fn64(x64), x64, grad[:r].double())[0]
         got = result["out"][:r]
         return count_not_close(got, ref, dtype=dt, terms=inner), got.numel()
-    return Work(run, check)
+    return Work(run, check, result=lambda: [result["out"]])
 
 
 def adamw_work(f: dict[str, Any], *, seed: int, device) -> Work:
@@ -171,7 +171,7 @@ def adamw_work(f: dict[str, Any], *, seed: int, device) -> Work:
         wrong = count_not_close(master.detach()[:k], ref, dtype="fp32") + \
             count_not_close(weight[:k], ref, dtype=f["dtype"])
         return wrong, 2 * k
-    return Work(run, check, prepare=evict)
+    return Work(run, check, prepare=evict, result=lambda: [master.data, weight])
 
 
 class LayerOps(ComputeProbe):
@@ -200,7 +200,6 @@ class LayerOps(ComputeProbe):
             raise UsageError(str(e)) from None
 
     def peak_cases(self, ctx: Context):
-        from .peak import copy_peak_case
         yield copy_peak_case(self, ctx)
 
     def op_cases(self, ctx: Context):

@@ -17,7 +17,9 @@ def format_row(probe: Probe, row: dict[str, Any]) -> str:
     for header, key, spec in probe.columns:
         width = max(len(header), int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0))
         value = row.get(key)
-        if row.get("status") != "ok" and key.startswith(("time", "algbw", "busbw", "tflops", "gbps", "num_wrong", "pct")):
+        if key == "num_wrong" and row.get("num_wrong"):  # a failed check shows its count
+            cells.append(format(value, spec))
+        elif row.get("status") != "ok" and key.startswith(("time", "algbw", "busbw", "tflops", "gbps", "num_wrong", "pct")):
             cells.append(f"{row.get('status', '?'):>{width}}")
         elif value is None:
             cells.append(f"{'n/a':>{width}}")
@@ -39,7 +41,7 @@ def header_line(probe: Probe) -> str:
 
 def footer(probe: Probe, rows: list[dict[str, Any]]) -> None:
     ok = [r for r in rows if r.get("status") == "ok"]
-    wrong = sum(r.get("num_wrong", 0) or 0 for r in ok)
+    wrong = sum(r.get("num_wrong", 0) or 0 for r in rows)  # failed checks included
     print(f"# Out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}")
     if probe.footer_metric:
         vals = [r[probe.footer_metric] for r in ok if r.get(probe.footer_metric) is not None]

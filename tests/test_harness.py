@@ -53,11 +53,11 @@ def test_pattern_is_never_zero_and_differs_per_rank():
     assert not torch.equal(a, pattern(1000, rank=0, seed=2, dtype="bf16", device="cpu"))
 
 
-def test_count_wrong_counts_only_wrong_elements():
+def test_count_wrong_is_exact_and_counts_nan():
     import torch
-    exp = torch.tensor([3.0, 5.0, 7.0])
-    assert count_wrong(torch.tensor([3.0, 5.0, 7.0]), exp, dtype="bf16", terms=2) == 0
-    assert count_wrong(torch.tensor([3.0, 6.0, 7.0]), exp, dtype="bf16", terms=2) == 1
+    exp = torch.tensor([3.0, 5.0, 7.0, 9.0])
+    assert count_wrong(torch.tensor([3.0, 5.0, 7.0, 9.0]), exp) == 0
+    assert count_wrong(torch.tensor([3.0, 6.0, 7.0, float("nan")]), exp) == 2
 
 
 @pytest.mark.parametrize("args, message", [
