@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from .fits import Fit, fit_alpha_beta
-from .profile import bus_factor
+from microbench.collective import bus_factor
 
 COLLECTIVE_KINDS = ("allreduce", "allgather", "reduce_scatter", "alltoall", "broadcast", "reduce",
                     "sendrecv")

@@ -281,9 +281,12 @@ def prediction_sections(runs: Sequence[Run], out_dir: Path, written: list[str],
         out.append(Section("Predicted step-time breakdown", "Skipped: no prediction. " + head, notes=notes))
     out.append(crosscheck_section(runs, profiles, out_dir, written, spec))
     # Projection: node counts of the spec machine (powers of two up to the whole machine).
-    nodes = default_nodes(cfg, spec)
     tables, proj_notes = {}, []
-    for label, prof in profiles.items():
+    try:
+        nodes = default_nodes(cfg, spec)
+    except ValueError as e:
+        nodes, proj_notes = [], [str(e)]
+    for label, prof in (profiles.items() if nodes else ()):
         try:
             tables[label] = project(cfg, prof, nodes)
         except ValueError as e:
