@@ -158,7 +158,7 @@ class MeasuredProfile(SystemProfile):
             self.memop_fits["*"] = fit_alpha_beta(b, mo["_t_s"])
             self.memop_sizes["*"] = (float(b.min()), float(b.max()))
         pts = collective_points(df.drop(columns=["_run"], errors="ignore"))
-        for key, grp in pts.groupby(list(FIT_KEYS)):
+        for key, grp in (pts.groupby(list(FIT_KEYS)) if len(pts) else ()):
             k, n, ng, x = str(key[0]), int(key[1]), int(key[2]), bool(key[3])
             fit = fit_alpha_beta(grp["size_bytes"].astype(float), grp["_t_s"])
             lo, hi = float(grp["size_bytes"].min()), float(grp["size_bytes"].max())
@@ -392,7 +392,7 @@ def measured_components(df) -> list[str]:
     if (kind == "memop").any():
         have.append("memop")
     pts = collective_points(df)
-    for x, comp in ((False, "collective"), (True, "collective")):
+    for x, comp in () if pts.empty else ((False, "collective"), (True, "collective")):
         sub = pts[(pts["crosses_nodes"] == x)] if len(pts) else pts
         if len(sub) and (sub["kind"] != "sendrecv").any():
             have.append(f"{comp}.{'inter' if x else 'intra'}")

@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         cfg = config_from_args(a)
-        profile = load_profile(system=a.system, profile_dirs=a.profile)
+        profile = load_profile(system=a.system, profile_dirs=a.profile, include_failed=a.include_failed)
         bad = [n for n in a.nodes or [] if n < 1]
         if bad:
             raise ValueError(f"--nodes {bad[0]}: node counts must be ≥ 1")

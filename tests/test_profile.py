@@ -119,7 +119,7 @@ def test_measured_without_a_spec_is_refused_naming_what_is_missing():
                                          r"collective\.inter, .*give --system NAME"):
         MeasuredProfile.from_rows(df)
     with pytest.raises(ValueError, match="no rows"):
-        MeasuredProfile.from_rows(df.assign(status="failed"), fallback="aurora")
+        MeasuredProfile.from_rows(df.assign(status="failed"), fallback="aurora", include_failed=True)
 
 
 def test_placement_looks_at_every_group():
