@@ -43,6 +43,10 @@ def _frac(x: float) -> str:
     return f"{f.numerator}/{f.denominator}" if f.denominator > 1 and abs(float(f) - x) < 1e-12 else f"{x:g}"
 
 
+def _span(lo: float, hi: float) -> str:
+    return f"at {lo:.4g} B" if lo == hi else f"over {lo:.4g}–{hi:.4g} B"
+
+
 def select_ok_rows(df, *, include_failed: bool = False):
     """(ok rows, notes). Rows with ``status == 'failed'`` or ``num_wrong > 0`` are refused
     (AnalysisError naming how many and the flag) unless ``include_failed``: then they are
@@ -282,9 +286,9 @@ class MeasuredProfile(SystemProfile):
         lo, hi = self.memop_sizes[key]
         what = f"{op}" if key == op else f"all memory-bound ops ({op} not measured)"
         if key == op and nbytes is not None and lo <= nbytes <= hi:
-            return measured(f"α–β fit of {what} over {lo:.3g}–{hi:.3g} B")
-        return extrapolated(f"α–β fit of {what} measured at {lo:.3g}–{hi:.3g} B"
-                            + (f", priced at {nbytes:.3g} B" if nbytes is not None else ""))
+            return measured() if lo == hi else measured(f"α–β fit of {what} {_span(lo, hi)}")
+        return extrapolated(f"α–β fit of {what} measured {_span(lo, hi)}"
+                            + (f", priced at {nbytes:.4g} B" if nbytes is not None else ""))
 
     def _collective(self, coll: Collective, crosses_nodes: bool, num_groups: int,
                     ranks_per_node_in_group: int | None) -> tuple[float, str]:
@@ -299,15 +303,16 @@ class MeasuredProfile(SystemProfile):
             t = fit.time_s(coll.bytes)
             groups = "" if ng >= num_groups else f"; {ng} of {num_groups} concurrent groups measured"
             if lo <= coll.bytes <= hi and not groups:
-                return t, measured(f"α–β fit over {lo:.3g}–{hi:.3g} B, n={n}")
-            return t, extrapolated(f"α–β fit of {coll.kind} n={n} measured at {lo:.3g}–{hi:.3g} B, "
-                                   f"priced at {coll.bytes:.3g} B{groups}")
+                return t, measured(f"α–β fit of {coll.kind} n={n} {_span(lo, hi)}")
+            return t, extrapolated(f"α–β fit of {coll.kind} n={n} measured {_span(lo, hi)}, "
+                                   f"priced at {coll.bytes:.4g} B{groups}")
         near = [(k[1], v) for k, v in self.collective_fits.items() if k[0] == coll.kind and k[2] == crosses_nodes]
         if near:  # nearest measured group size, bandwidth term rescaled by the bus factor
             m, (f, ng, lo, hi) = min(near, key=lambda p: abs(math.log(p[0] / n)))
             t = f.alpha_s + f.beta_s_per_byte * coll.bytes * bus_factor(coll.kind, n) / bus_factor(coll.kind, m)
-            return t, extrapolated(f"{coll.kind} group size {m} → {n} by bus factor, α–β fit measured at "
-                                   f"{lo:.3g}–{hi:.3g} B")
+            return t, extrapolated(f"{coll.kind} group size {m} → {n} by bus factor, α–β fit measured "
+                                   f"{_span(lo, hi)}" + ("" if lo <= coll.bytes <= hi else
+                                                         f", priced at {coll.bytes:.4g} B"))
         t = self.fallback.collective_time_s(coll, crosses_nodes=crosses_nodes, num_groups=num_groups,
                                             ranks_per_node_in_group=ranks_per_node_in_group)
         return t, self.fallback.collective_source(coll, crosses_nodes=crosses_nodes)
@@ -327,9 +332,9 @@ class MeasuredProfile(SystemProfile):
                     self.fallback.p2p_source(crosses_nodes=crosses_nodes))
         fit, lo, hi = hit
         if lo <= coll.bytes <= hi:
-            return fit.time_s(coll.bytes), measured(f"α–β fit over {lo:.3g}–{hi:.3g} B")
-        return fit.time_s(coll.bytes), extrapolated(f"α–β fit of send/recv measured at {lo:.3g}–{hi:.3g} B, "
-                                                    f"priced at {coll.bytes:.3g} B")
+            return fit.time_s(coll.bytes), measured(f"α–β fit of send/recv {_span(lo, hi)}")
+        return fit.time_s(coll.bytes), extrapolated(f"α–β fit of send/recv measured {_span(lo, hi)}, "
+                                                    f"priced at {coll.bytes:.4g} B")
 
     def p2p_time_s(self, coll: Collective, *, crosses_nodes: bool) -> float:
         return self._p2p(coll, crosses_nodes)[0]
