@@ -77,7 +77,7 @@ def plan(args: argparse.Namespace, world_size: int, device_kind: str, *,
     scale = args.scale
     lay = cfg.parallel  # compute probes measure exactly the target's per-rank shard
     compute = (*common, "--tp", str(lay.tp), "--pp", str(lay.pp), "--dp", str(lay.dp),
-               "--scale", f"{scale:g}")
+               "--scale", f"{scale:g}", *(("--peak-size", str(args.peak_size)) if args.peak_size else ()))
     sweep_max = "1M" if args.quick else "64M"
     steps = [
         # gemm measures the peak square GEMM first and layer_ops the peak copy: every
@@ -140,6 +140,7 @@ def check_steps(steps: list[Step], world_size: int) -> None:
 
 TARGET_GEMM_S = 0.1  # the largest GEMM of a case should take about this long on a CPU (s)
 TARGET_GEMM_S_QUICK = 0.0125
+TARGET_PEAK_S = 1.0  # the square peak GEMM: longer, it is the ceiling every efficiency is against
 
 
 def gemm_rate_flops(dtype: str, *, size: int = 256, reps: int = 3) -> float:
@@ -187,15 +188,30 @@ def auto_scale(cfg, *, device_kind: str, quick: bool, rate_flops: float | None =
     return scale, why
 
 
+def auto_peak_size(*, rate_flops: float, quick: bool) -> int:
+    """The square peak GEMM on a CPU: the largest power of two N in [256, 2048] whose 2·N³
+    FLOP take at most ~1 s (¼ s with --quick) at the measured rate. A fixed 2048 takes
+    ~26 s per iteration in bf16 on an AVX2 core."""
+    budget = rate_flops * (TARGET_PEAK_S / 4 if quick else TARGET_PEAK_S)
+    n = 256
+    while n < 2048 and 2 * (2 * n) ** 3 <= budget:
+        n *= 2
+    return n
+
+
 def choose_scale(args: argparse.Namespace, device_kind: str) -> None:
-    """Set ``args.scale`` (and ``args.scale_why``) once, before any step is planned: given,
-    or from this CPU's measured GEMM rate in the model's dtype."""
-    if args.scale is not None:
+    """Set ``args.scale`` and ``args.peak_size`` (and ``args.scale_why``) once, before any
+    step is planned: given, or from this CPU's measured GEMM rate in the model's dtype."""
+    if args.scale is not None and (args.peak_size or device_kind != "cpu"):
         args.scale_why = args.scale_why or f"{args.scale:g}: given with --scale"
         return
     cfg = preset(args.model)
     rate = gemm_rate_flops(cfg.model.dtype) if device_kind == "cpu" else None
-    args.scale, args.scale_why = auto_scale(cfg, device_kind=device_kind, quick=args.quick, rate_flops=rate)
+    if args.scale is None:
+        args.scale, args.scale_why = auto_scale(cfg, device_kind=device_kind, quick=args.quick, rate_flops=rate)
+    if rate and not args.peak_size:
+        args.peak_size = auto_peak_size(rate_flops=rate, quick=args.quick)
+        args.scale_why += f"; peak GEMM {args.peak_size}³ (≤ {TARGET_PEAK_S / (4 if args.quick else 1):g} s at that rate)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -209,6 +225,9 @@ def parser() -> argparse.ArgumentParser:
                    help="compute-probe scale (default 1 on a GPU; on a CPU chosen from a brief "
                         "measurement of its matmul rate in the model's dtype, so the largest GEMM "
                         "takes ~0.1 s)")
+    p.add_argument("--peak-size", type=int, default=None,
+                   help="size N of the square peak GEMM (default: the probe's on a GPU; on a CPU from "
+                        "its measured matmul rate, ~1 s per GEMM)")
     p.add_argument("--scale-why", default=None, help=argparse.SUPPRESS)  # the parent's choice, passed on
     p.add_argument("-n", "--iters", type=int, default=None, help="timed iterations per case (default 10, 3 quick)")
     p.add_argument("-w", "--warmup", type=int, default=None, help="warm-up iterations (default 2, 1 quick)")
@@ -257,14 +276,15 @@ def progress(total: int, enabled: bool):
 
 def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
     world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
-    if args.scale is None:  # under a launcher: rank 0 measures, every rank uses its choice
+    if args.scale is None or (world.device_kind == "cpu" and not args.peak_size):
+        # under a launcher: rank 0 measures, every rank uses its choice
         import torch.distributed as dist
-        box: list[Any] = [None, None]
+        box: list[Any] = [None, None, None]
         if world.rank == 0:
             choose_scale(args, world.device_kind)
-            box = [args.scale, args.scale_why]
+            box = [args.scale, args.scale_why, args.peak_size]
         dist.broadcast_object_list(box, src=0, group=world.control)
-        args.scale, args.scale_why = box
+        args.scale, args.scale_why, args.peak_size = box
     steps = plan(args, world.world_size, world.device_kind, ranks_per_node=world.ranks_per_node)
     check_steps(steps, world.world_size)  # a bad step stops the run before anything is measured
     writer = None
@@ -273,7 +293,7 @@ def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
         writer = results.RunWriter(args.out, {
             "probe": "campaign", "command": [sys.executable, "-m", MODULE, *argv],
             "model": args.model, "system": args.system, "quick": args.quick,
-            "compute_scale": {"value": args.scale, "why": args.scale_why},
+            "compute_scale": {"value": args.scale, "peak_size": args.peak_size, "why": args.scale_why},
             "steps": [{"probe": s.module, "argv": list(s.argv), "title": s.title} for s in steps]})
         print(f"# microbench campaign: model {args.model}, world {world.world_size} "
               f"({world.num_nodes} node(s)), {world.device_kind}/{world.backend}, "
@@ -401,9 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:  # every step's arguments checked before any rank starts
             import torch
             guess = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-            if args.scale is None:  # chosen once here, passed to every rank
+            if args.scale is None or (guess == "cpu" and not args.peak_size):  # once here, for every rank
                 choose_scale(args, guess)
-                argv = [*argv, "--scale", repr(args.scale), "--scale-why", args.scale_why]
+                argv = [*argv, "--scale", repr(args.scale), "--scale-why", args.scale_why,
+                        *(("--peak-size", str(args.peak_size)) if args.peak_size else ())]
                 print(f"# compute scale {args.scale_why}", flush=True)
             check_steps(plan(args, args.ranks, guess, ranks_per_node=args.ranks), args.ranks)
         except UsageError as e:

@@ -109,3 +109,21 @@ def test_group_sizes_fit_the_model_and_the_node(world, tp, pp):
     assert axis_size(cfg, "tp", world, cap=12) == tp  # TP inside a 12-tile node, heads % tp == 0
     assert axis_size(cfg, "pp", world) == pp          # 128 layers % pp == 0
     check_steps(plan(args_for("--model", "alcf-1t"), world, "cpu", ranks_per_node=12), world)
+
+
+@pytest.mark.parametrize("rate_flops, quick, n", [
+    (0.659e9, False, 512),   # bf16 on an AVX2 core: 2·512³ = 2.7e8 FLOP ≤ 0.66e9·1 s < 2·1024³
+    (4e10, False, 2048),     # fp32 speed: 2·2048³ = 1.7e10 ≤ 4e10
+    (0.659e9, True, 256),    # --quick: ¼ s → 1.6e8 < 2·512³
+    (1e3, False, 256),       # never below 256
+])
+def test_cpu_peak_gemm_size_follows_the_measured_rate(rate_flops, quick, n):
+    from microbench.campaign import auto_peak_size
+    assert auto_peak_size(rate_flops=rate_flops, quick=quick) == n
+
+
+def test_plan_passes_the_scale_and_peak_size_to_the_compute_probes():
+    a = args_for("--model", "tiny", "--scale", "0.5", "--peak-size", "512")
+    gemm = next(s for s in plan(a, 2, "cpu") if s.module == "microbench.gemm")
+    argv = list(gemm.argv)
+    assert argv[argv.index("--scale") + 1] == "0.5" and argv[argv.index("--peak-size") + 1] == "512"
