@@ -32,6 +32,10 @@ from .spec import SpecProfile, shipped_systems
 from .system import COMPONENTS, SystemProfile
 
 
+PRICED_KINDS = ("gemm", "attention", "memop", "allreduce", "allgather", "reduce_scatter", "alltoall",
+                "broadcast", "reduce", "sendrecv", "overlap")
+
+
 def _extra(row: Mapping[str, Any], key: str) -> Any:
     ex = row.get("extra")
     return ex.get(key) if isinstance(ex, Mapping) else None
@@ -73,6 +77,16 @@ def select_ok_rows(df, *, include_failed: bool = False):
         if (~keep).any():
             notes.append(f"left out {int((~keep).sum())} skipped row(s)")
         df = df[keep]
+    if "kind" in df.columns and len(df):
+        priced = df[df["kind"].isin(PRICED_KINDS)]
+        if len(priced):
+            t = time_s(priced)
+            bad_t = ~np.isfinite(t.to_numpy(dtype=float)) | (t.to_numpy(dtype=float) <= 0)
+            if bad_t.any():
+                first = priced[bad_t].iloc[0]
+                raise AnalysisError(f"profile rows: {int(bad_t.sum())} ok row(s) without a finite time > 0 "
+                                    f"(first: {first.get('probe')} {first.get('case')}: "
+                                    f"{t[bad_t].iloc[0]!r} s); NaN is wrong, not missing")
     return df, notes
 
 
