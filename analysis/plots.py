@@ -92,7 +92,7 @@ def collective_fits(df: pd.DataFrame, kind: str | None = None) -> pd.DataFrame:
         fit = fits[tuple(key)]
         f = bus_factor(k["kind"], int(k["group_size"]))
         bus = f * g["size_bytes"].astype(float) / g["_t_s"] / 1e9
-        out.append({**k, "axes": ",".join(sorted(set(g["axis"].astype(str)))), "num_points": len(g),
+        out.append({**k, "axis": ",".join(sorted(set(g["axis"].astype(str)))), "num_points": len(g),
                     "min_bytes": int(g["size_bytes"].min()),
                     "max_bytes": int(g["size_bytes"].max()), "alpha_us": fit.alpha_s * 1e6,
                     "fit_busbw_gbps": f * fit.bandwidth_gbps if fit.beta_s_per_byte > 0 else float("nan"),

@@ -83,7 +83,8 @@ def plan(args: argparse.Namespace, world_size: int, device_kind: str, *,
         # gemm measures the peak square GEMM first and layer_ops the peak copy: every
         # efficiency figure has its denominator from the same run.
         Step("microbench.gemm", "Gemm", compute, "peak GEMM, GEMMs of a layer and the LM head"),
-        Step("microbench.attention", "AttentionCore", (*compute, "--no-peak"), "attention core"),
+        Step("microbench.attention", "AttentionCore",
+             (*compute, "--scale", f"{attention_scale(cfg, scale):g}", "--no-peak"), "attention core"),
         Step("microbench.layer_ops", "LayerOps", compute, "peak copy, memory-bound ops, AdamW"),
     ]
     W = world_size
@@ -161,9 +162,10 @@ def gemm_rate_flops(dtype: str, *, size: int = 256, reps: int = 3) -> float:
 
 
 def auto_scale(cfg, *, device_kind: str, quick: bool, rate_flops: float | None = None) -> tuple[float, str]:
-    """(scale, why). 1 on a GPU. On a CPU: the largest power of two ≤ 1 that brings the
-    layer's largest GEMM under ~0.1 s (0.0125 s with --quick) at ``rate_flops``, this CPU's
-    measured rate in the model's dtype; never so small that the rank's heads vanish."""
+    """(scale, why) of the GEMM and memory-bound probes. 1 on a GPU. On a CPU: the largest
+    power of two ≤ 1 that brings the layer's largest GEMM under ~0.1 s (0.0125 s with
+    --quick) at ``rate_flops``, this CPU's measured rate in the model's dtype. The attention
+    probe takes :func:`attention_scale` (its heads must not vanish)."""
     if device_kind != "cpu":
         return 1.0, f"1 on {device_kind}: the target's shapes as they are"
     if not rate_flops or rate_flops <= 0:
@@ -175,17 +177,19 @@ def auto_scale(cfg, *, device_kind: str, quick: bool, rate_flops: float | None =
     scale = 1.0
     while scale > 1 / 1024 and biggest * scale ** 3 > budget:
         scale /= 2
-    floor = 1.0 / (cfg.model.num_heads // cfg.parallel.tp)
     why = (f"{scale:g}: the largest GEMM ({biggest:.3g} FLOP at scale 1) × scale³ within "
            f"{target_s:g} s at this CPU's measured {cfg.model.dtype} matmul rate "
            f"{rate_flops / 1e9:.3g} GFLOP/s")
-    if scale < floor:
-        why = (f"{floor:g}: the smallest scale that keeps one attention head per rank "
-               f"({cfg.model.num_heads} heads / tp {cfg.parallel.tp}); the GEMM budget alone asked for "
-               f"{scale:g} ({biggest:.3g} FLOP at scale 1, {target_s:g} s at the measured "
-               f"{cfg.model.dtype} rate {rate_flops / 1e9:.3g} GFLOP/s)")
-        scale = floor
+    att = attention_scale(cfg, scale)
+    if att != scale:
+        why += (f"; attention at {att:g}, the smallest scale that keeps one head per rank "
+                f"({cfg.model.num_heads} heads / tp {cfg.parallel.tp})")
     return scale, why
+
+
+def attention_scale(cfg, scale: float) -> float:
+    """``scale``, or larger where it would leave a rank less than one attention head."""
+    return max(scale, 1.0 / (cfg.model.num_heads // cfg.parallel.tp))
 
 
 def auto_peak_size(*, rate_flops: float, quick: bool) -> int:

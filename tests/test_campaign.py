@@ -51,13 +51,22 @@ def test_the_largest_1t_gemm_is_the_hand_computed_fc1():
 @pytest.mark.parametrize("rate_flops, scale", [
     (FC1_FLOP / 64 / 0.1, 0.25),   # budget exactly FC1/64: (1/4)³ fits, (1/2)³ does not
     (4e10, 0.125),                 # an fp32-speed core: 4e9 FLOP per 0.1 s → 1/8 (FC1/512 = 3.2e9)
-    (1.3e9, 0.0625),               # bf16 on an AVX2 core: 1/32 would fit; one head per rank stops at 1/16
+    (1.3e9, 0.03125),              # bf16 on an AVX2 core: 1.3e8 FLOP per 0.1 s → 1/32 (FC1/32768 = 5.0e7)
 ])
 def test_cpu_scale_follows_the_measured_rate(rate_flops, scale):
     s, why = auto_scale(alcf_1t(), device_kind="cpu", quick=False, rate_flops=rate_flops)
     assert s == scale
     assert f"{rate_flops / 1e9:.3g} GFLOP/s" in why
-    assert ("one attention head per rank" in why) == (rate_flops == 1.3e9)
+    # attention keeps one of the 16 heads per rank: never below 1/16
+    assert ("attention at 0.0625" in why) == (scale < 0.0625)
+
+
+def test_the_attention_probe_keeps_a_head_while_gemms_go_smaller():
+    a = args_for("--model", "alcf-1t", "--scale", "0.03125")
+    steps = {s.module: list(s.argv) for s in plan(a, 2, "cpu")}
+    gemm, att = steps["microbench.gemm"], steps["microbench.attention"]
+    assert gemm[gemm.index("--scale") + 1] == "0.03125"
+    assert att[len(att) - 1 - att[::-1].index("--scale") + 1] == "0.0625"  # the last --scale wins
 
 
 def test_gpu_scale_is_one_and_a_cpu_needs_a_rate():
