@@ -211,10 +211,14 @@ class MeasuredProfile(SystemProfile):
                 self.peak_tflops = nominal
                 self._peak_source = (f"specified ({display_path(DEVICES_FILE)}: "
                                      f"{match_device(dev)}.peak_tflops.{self.fallback.dtype})")
-            else:
-                self.peak_tflops = self.measured_peak_tflops
-                self._peak_source = measured(f"best square GEMM of the run; {dev or 'this device'} "
-                                             f"is not in {display_path(DEVICES_FILE)}")
+            else:  # the device's ceiling is the fastest GEMM it did, square or not
+                best = max(self.measured_peak_tflops, self.max_gemm_tflops or 0.0)
+                self.peak_tflops = best
+                which = "the square peak GEMM" if best == self.measured_peak_tflops else \
+                    (f"a layer GEMM: the square peak GEMM's {self.measured_peak_tflops:.3g} TFLOP/s "
+                     f"was slower")
+                self._peak_source = measured(f"{best:.3g} TFLOP/s, the fastest GEMM of the run, {which}; "
+                                             f"{dev or 'this device'} is not in {display_path(DEVICES_FILE)}")
 
     # pricing and provenance ------------------------------------------------------------
     def _gemm(self, gemm: Gemm) -> tuple[float, str]:

@@ -176,3 +176,12 @@ def test_seconds_by_provenance_add_up_to_the_step_and_name_each_part():
     # the GEMM seconds are the measured ones: the spec's time, written into the rows
     assert pr.seconds_by_provenance["measured"] >= pr.breakdown_s["gemm"]
     assert all(word_of(s) in ("measured", "extrapolated", "specified") for s in pr.sources.values())
+
+
+def test_mfu_of_an_unlisted_device_is_against_its_fastest_gemm():
+    # the square "peak" ran at 0.05 TFLOP/s, a layer GEMM at 0.1: a peak below an achieved
+    # rate would give an MFU above 100 %
+    df = _gemm_rows([(64, 64, 64)], tflops=0.1, scale=1.0, peak_tflops=0.05)
+    prof = MeasuredProfile.from_rows(df, fallback="aurora")
+    assert prof.peak_tflops == pytest.approx(0.1, rel=1e-9)
+    assert prof.sources()["peak"].startswith("measured (0.1 TFLOP/s, the fastest GEMM of the run, a layer GEMM")
