@@ -33,7 +33,8 @@ from .system import COMPONENTS, SystemProfile
 
 
 PRICED_KINDS = ("gemm", "attention", "memop", "allreduce", "allgather", "reduce_scatter", "alltoall",
-                "broadcast", "reduce", "sendrecv", "overlap")
+                "broadcast", "reduce", "sendrecv")
+"""Kinds priced by their time (an overlap row is priced by its exposed fraction)."""
 
 
 def _extra(row: Mapping[str, Any], key: str) -> Any:
@@ -85,7 +86,8 @@ def select_ok_rows(df, *, include_failed: bool = False):
             if bad_t.any():
                 first = priced[bad_t].iloc[0]
                 raise AnalysisError(f"profile rows: {int(bad_t.sum())} ok row(s) without a finite time > 0 "
-                                    f"(first: {first.get('probe')} {first.get('case')}: "
+                                    f"(first: {first.get('probe') or first.get('kind')} "
+                                    f"{first.get('case') or first.get('op')}: "
                                     f"{t[bad_t].iloc[0]!r} s); NaN is wrong, not missing")
     return df, notes
 
@@ -249,10 +251,10 @@ class MeasuredProfile(SystemProfile):
         # rate beyond that.
         ceiling = max(self.measured_peak_tflops or 0.0, self.max_gemm_tflops or 0.0)
         if ceiling and gemm.flop / t / 1e12 > ceiling:
-            t2 = gemm.flop / (ceiling * 1e12)
-            src = with_note(src, f"{gemm.flop / t / 1e12:.3g} TFLOP/s clamped to the fastest measured "
-                                 f"{ceiling:.3g} TFLOP/s")
-            t = t2
+            # the per-shape rate before the clamp is left out of the text on purpose: one
+            # source line for every GEMM so clamped (the table shows each GEMM's seconds)
+            src = with_note(src, f"clamped to the fastest measured {ceiling:.3g} TFLOP/s")
+            t = gemm.flop / (ceiling * 1e12)
         return t, src
 
     def gemm_time_s(self, gemm: Gemm) -> float:
@@ -305,8 +307,8 @@ class MeasuredProfile(SystemProfile):
         what = f"{op}" if key == op else f"all memory-bound ops ({op} not measured)"
         if key == op and nbytes is not None and lo <= nbytes <= hi:
             return measured() if lo == hi else measured(f"α–β fit of {what} {_span(lo, hi)}")
-        return extrapolated(f"α–β fit of {what} measured {_span(lo, hi)}"
-                            + (f", priced at {nbytes:.4g} B" if nbytes is not None else ""))
+        beyond = "" if nbytes is None else (", priced above it" if nbytes > hi else ", priced below it")
+        return extrapolated(f"α–β fit of {what} measured {_span(lo, hi)}{beyond}")
 
     def _collective(self, coll: Collective, crosses_nodes: bool, num_groups: int,
                     ranks_per_node_in_group: int | None) -> tuple[float, str]:
@@ -322,15 +324,17 @@ class MeasuredProfile(SystemProfile):
             groups = "" if ng >= num_groups else f"; {ng} of {num_groups} concurrent groups measured"
             if lo <= coll.bytes <= hi and not groups:
                 return t, measured(f"α–β fit of {coll.kind} n={n} {_span(lo, hi)}")
-            return t, extrapolated(f"α–β fit of {coll.kind} n={n} measured {_span(lo, hi)}, "
-                                   f"priced at {coll.bytes:.4g} B{groups}")
+            where = "" if lo <= coll.bytes <= hi else \
+                (", priced above it" if coll.bytes > hi else ", priced below it")
+            return t, extrapolated(f"α–β fit of {coll.kind} n={n} measured {_span(lo, hi)}{where}{groups}")
         near = [(k[1], v) for k, v in self.collective_fits.items() if k[0] == coll.kind and k[2] == crosses_nodes]
         if near:  # nearest measured group size, bandwidth term rescaled by the bus factor
             m, (f, ng, lo, hi) = min(near, key=lambda p: abs(math.log(p[0] / n)))
             t = f.alpha_s + f.beta_s_per_byte * coll.bytes * bus_factor(coll.kind, n) / bus_factor(coll.kind, m)
             return t, extrapolated(f"{coll.kind} group size {m} → {n} by bus factor, α–β fit measured "
                                    f"{_span(lo, hi)}" + ("" if lo <= coll.bytes <= hi else
-                                                         f", priced at {coll.bytes:.4g} B"))
+                                                         ", priced above it" if coll.bytes > hi else
+                                                         ", priced below it"))
         t = self.fallback.collective_time_s(coll, crosses_nodes=crosses_nodes, num_groups=num_groups,
                                             ranks_per_node_in_group=ranks_per_node_in_group)
         return t, self.fallback.collective_source(coll, crosses_nodes=crosses_nodes)
@@ -351,8 +355,8 @@ class MeasuredProfile(SystemProfile):
         fit, lo, hi = hit
         if lo <= coll.bytes <= hi:
             return fit.time_s(coll.bytes), measured(f"α–β fit of send/recv {_span(lo, hi)}")
-        return fit.time_s(coll.bytes), extrapolated(f"α–β fit of send/recv measured {_span(lo, hi)}, "
-                                                    f"priced at {coll.bytes:.4g} B")
+        return fit.time_s(coll.bytes), extrapolated(f"α–β fit of send/recv measured {_span(lo, hi)}, priced "
+                                                    f"{'above' if coll.bytes > hi else 'below'} it")
 
     def p2p_time_s(self, coll: Collective, *, crosses_nodes: bool) -> float:
         return self._p2p(coll, crosses_nodes)[0]

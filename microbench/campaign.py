@@ -388,9 +388,17 @@ def summary_text(args: argparse.Namespace, pred: dict[str, Any], run_dir: str, *
         lines.append(f"#   {comp:<14}: {t:.3g} s  {mix}")
         if comp == "bubble":
             continue  # the stage's own sources, listed under its components
+        shown = 0
         for src, v in sorted(srcs.items(), key=lambda kv: -kv[1]):
-            if not src.startswith("measured"):
-                lines.append(f"#       {v / t:>4.0%} {src}")
+            if src.startswith("measured"):
+                continue
+            if v / t < 0.01 or shown == 3:  # the rest: prediction.json (provenance_s) has them all
+                rest = [x for x in srcs if not x.startswith("measured")][shown:]
+                lines.append(f"#       … {len(rest)} more source(s) below 1% each or beyond the first 3 "
+                             f"(prediction.json: provenance_s)")
+                break
+            lines.append(f"#       {v / t:>4.0%} {src}")
+            shown += 1
     for key in ("peak", "memory", "overlap.tp", "overlap.dp"):
         if key in pred.get("sources", {}):
             lines.append(f"#   {key:<14}: {pred['sources'][key]}")
