@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--recompute", choices=("none", "full"), default="none", help="activation recompute")
     ap.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism")
     ap.add_argument("--zero", type=int, choices=(0, 1), default=0, help="ZeRO stage (0 allreduce, 1 sharded optimizer)")
-    ap.add_argument("--bucket-mb", type=float, default=25.0, help="DP gradient bucket size (MB)")
+    ap.add_argument("--bucket-mb", type=float, default=25.0, help="DP gradient bucket size in MiB (2^20 bytes), as in the probes' --bucket-mb")
     ap.add_argument("--steps", type=int, default=5, help="training iterations")
     ap.add_argument("--warmup-steps", type=int, default=1, help="iterations left out of the summary")
     ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (constant)")
@@ -200,7 +200,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     stage = Stage(cfg, ops, stage=groups.stage, seed=args.seed, dtype=dtype, device=world.device,
                   recompute=p.recompute)
     sp_norms = {n for n, _ in stage.named_parameters() if "norm" in n} if ops.sequence_parallel else set()
-    bucket = max(1, int(args.bucket_mb * 1e6 / torch.finfo(torch_dtype(p.grad_dtype)).bits * 8))
+    bucket = max(1, int(args.bucket_mb * (1 << 20) * 8 / torch.finfo(torch_dtype(p.grad_dtype)).bits))  # MiB → elements
     opt = FlatOptimizer(list(stage.named_parameters()), groups, zero_stage=p.zero_stage,
                         grad_dtype=torch_dtype(p.grad_dtype), bucket_numel=bucket,
                         adam=AdamW(lr=args.lr), sp_params=sp_norms)

@@ -27,7 +27,17 @@ class GemmOnly(SystemProfile):
         return self.comm_s
     def p2p_time_s(self, coll, *, crosses_nodes): return self.comm_s
     def overlap(self, kind): return self.exposed if kind == "dp" else 1.0
-    def sources(self): return {"gemm": "specified"}
+    attention_fused = True
+    def layer_overhead_time_s(self): return 0.0
+    def sources(self): return {"peak": self.SRC, "memory": self.SRC}
+    SRC = "specified (test: GemmOnly)"
+    def gemm_source(self, gemm): return self.SRC
+    def attention_source(self, att): return self.SRC
+    def bytes_source(self, *, op="copy", nbytes=None): return self.SRC
+    def collective_source(self, coll, *, crosses_nodes, num_groups=1, ranks_per_node_in_group=None): return self.SRC
+    def p2p_source(self, *, crosses_nodes, coll=None): return self.SRC
+    def overlap_source(self, kind): return self.SRC
+    def layer_overhead_source(self): return self.SRC
 
 
 def test_one_stage_no_comm_is_microbatches_times_gemm_time():
@@ -72,8 +82,11 @@ def test_seed_model_formula():
     s, d, L, b = 2048, 24576, 128, 512
     t = formulas.seed_step_time(cfg, alpha=1e-14, beta=1e-10)
     assert t == pytest.approx(1e-14 * b * L * (36 * s * d * d + 6 * s * s * d) / (64 * 12) + 1e-10 * 4 * b * L * s * d / 64)
-    sm = seed_model(cfg, SpecProfile.from_yaml("aurora"))
-    assert sm["alpha"] > 0 and sm["beta"] > 0 and sm["step_time_s"] > 0
+    # α from GEMMs at exactly 1 TFLOP/s: 2 s per 1e12 FLOP = 2e-12 s per multiply-add; β: one
+    # TP allreduce of [2048, 24576] (1 ms here) per element (the formula counts 4 per layer)
+    sm = seed_model(cfg, GemmOnly(comm_s=1e-3))
+    assert sm["alpha"] == pytest.approx(2e-12, rel=1e-12)
+    assert sm["beta"] == pytest.approx(1e-3 / (2048 * 24576), rel=1e-12)
 
 
 layouts = st.sampled_from([dict(tp=1, pp=1, dp=1), dict(tp=2, pp=2, dp=2), dict(tp=4, pp=1, dp=2),
@@ -152,12 +165,17 @@ def test_memory_flag():
 def test_cli_json_alcf_1t_aurora(capsys):
     assert main(["--model", "alcf-1t", "--system", "aurora", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["world_size"] == 768 and d["step_time_s"] > 0
+    assert d["world_size"] == 768
+    assert d["step_time_s"] == pytest.approx(sum(d["breakdown_s"].values()), rel=1e-12)
+    assert sum(d["seconds_by_provenance"].values()) == pytest.approx(d["step_time_s"], rel=1e-9)
+    assert d["seconds_by_provenance"]["specified"] == pytest.approx(d["step_time_s"], rel=1e-9)  # spec only
     assert set(d["seed_model"]) >= {"alpha", "beta", "step_time_s"}
     assert d["fom"] == pytest.approx(formulas.fom(preset("alcf-1t"), d["step_time_s"]))
     assert main(["--model", "alcf-1t", "--system", "aurora"]) == 0
     out = capsys.readouterr().out
     assert "bubble" in out and "tp_comm" in out and "MFU" in out
+    assert "by provenance                    measured 0 s (0.0%), extrapolated 0 s (0.0%), specified" in out
+    assert "  pp_p2p         specified (analysis/systems/aurora.yaml: network.inter.nic_gbps" in out
 
 
 def test_cli_explicit_dims(capsys):
