@@ -19,6 +19,7 @@ then pp) and the system's ranks per node.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ class Placement:
     """Groups of this axis running at once (all of them, in a training step)."""
 
 
+@functools.lru_cache(maxsize=65536)  # pure in its (frozen, hashable) arguments; calibration asks it 10⁵ times
 def group_placement(cfg: TrainConfig, axis: str, *, ranks_per_node: int) -> Placement:
     """Where the groups of ``axis`` live, Megatron order: rank = t + tp·(d + dp·p).
 
