@@ -152,9 +152,13 @@ def test_fitted_knobs_carry_their_out_of_sample_error_and_data(name):
     assert cal, f"{name}: no calibration record"
     assert "vtrain_ground_truth_multi.csv" in cal["data"] and cal["cv"] == "model"
     assert {"mape", "max_error", "n"} <= set(cal["out_of_sample"])
+    # a file whose compute knobs are another file's says so, and carries that file's values
+    source = cal["shared_from"].split(":")[0] if "shared_from" in cal else name
+    fitted = _spec(source)["calibration"]["knobs"]
     for k in KNOBS:
         assert k.key in cal["knobs"] and {"value", "fold_min", "fold_max", "spread"} <= set(cal["knobs"][k.key])
-        assert _get(_spec(name), k.key) == pytest.approx(cal["knobs"][k.key]["value"])
+        assert _get(_spec(name), k.key) == pytest.approx(fitted[k.key]["value"])
+        assert cal["knobs"][k.key]["spread"] <= 0.25 and cal["knobs"][k.key]["at_bound"] is None
 
 
 # ---------------------------------------------------------------------------------------------
