@@ -10,6 +10,7 @@ Sources:
   bf16 params with fp32 grads 18 (6 + 12/d), fp32 16 (8 + 8/d).
 * vTrain ground_truth_multi.csv — every one of its 109 layouts ran (skips when ../shared is absent).
 """
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,15 @@ def test_every_vtrain_layout_fits_the_gpu_it_ran_on():
         assert pr.fits_in_memory, (c.size, c.cfg.parallel, pr.memory_gib_per_device)
         totals.append(pr.memory_gib_per_device["total"])
     assert max(totals) > 40  # so these runs could not have been on the 40 GB part
+
+
+def test_dropout_is_a_memory_pass_of_the_unfused_attention_only():
+    """GPT-3-style dropout (Megatron's default 0.1) adds a pass over the b·a·s² probabilities
+    that flash attention fuses away; Llama-style models (no dropout) have none."""
+    from microbench.workload import workload
+    cfg = _gpt("175B", recompute="full")
+    names = {op.name: op for op in workload(cfg).memops}
+    assert names["attention_dropout"].explicit_attention_only
+    no = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=False))
+    assert "attention_dropout" not in {op.name for op in workload(no).memops}
+    assert memory_bytes(no)["activations"] < memory_bytes(cfg)["activations"]
