@@ -39,6 +39,7 @@ from microbench.config import ModelConfig, ParallelConfig, TrainConfig, preset, 
 from microbench.results import read_run
 
 from .predict import Prediction, add_config_args, config_from_args, predict
+from .manifest import config_from_manifest
 from .profile import SystemProfile, load_profile
 
 BREAKDOWN = ("compute", "p2p_wait", "dp_sync", "optimizer")
@@ -115,21 +116,18 @@ class Comparison:
 # Measured runs
 
 
-def config_from_manifest(manifest: dict[str, Any], where: str) -> TrainConfig:
-    try:
-        c = manifest["config"]
-        return TrainConfig(model=ModelConfig(**c["model"]), parallel=ParallelConfig(**c["parallel"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CrossCheckError(f"{where}: manifest has no usable config ({type(e).__name__}: {e})") from None
-
-
 def measured_from_run(run_dir: str | Path) -> Measured:
     """A ``full_model.train`` run directory: config from the manifest, time from the summary."""
     try:
         manifest, rows = read_run(run_dir)
     except ValueError as e:
         raise CrossCheckError(str(e)) from None
-    cfg = config_from_manifest(manifest, str(run_dir))
+    try:
+        cfg = config_from_manifest(manifest, str(run_dir))
+    except ValueError as e:
+        raise CrossCheckError(str(e)) from None
+    if cfg is None:
+        raise CrossCheckError(f"{run_dir}: manifest has no config and no model")
     summary = [r for r in rows if r.get("kind") == "train_summary" and r.get("status") == "ok"]
     if not summary:
         failed = [r.get("reason") for r in rows if r.get("status") == "failed"]

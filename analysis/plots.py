@@ -18,12 +18,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from .fits import Fit, fit_alpha_beta
-from .profile import bus_factor
+from microbench.collective import bus_factor
 
-COLLECTIVE_KINDS = ("allreduce", "allgather", "reduce_scatter", "alltoall", "broadcast", "reduce",
-                    "sendrecv")
-GROUP_KEYS = ("kind", "axis", "group_size", "num_groups", "crosses_nodes")
+from .fits import COLLECTIVE_KINDS, FIT_KEYS, Fit, collective_points
+from .fits import collective_fits as fit_collectives
+from .provenance import WORDS, word_of
+
+GROUP_KEYS = FIT_KEYS
 FIGSIZE = (8.0, 5.0)  # inches; 100 dpi PNG, readable on a laptop screen
 
 
@@ -75,38 +76,24 @@ def _group_label(key: Mapping[str, Any]) -> str:
 # Collectives
 
 def collective_rows(df: pd.DataFrame, kind: str | None = None) -> pd.DataFrame:
-    """OK collective rows of groups larger than one (a group of one has no bus bandwidth),
-    with group keys filled (axis 'world', one group, intra-node when a probe left them out);
-    out-of-place rows when a sweep has both, so each size is one point."""
-    c = _ok(df)
-    c = c[_col(c, "kind").isin([kind] if kind else COLLECTIVE_KINDS)]
-    if c.empty:
-        return c
-    c = c.assign(axis=_col(c, "axis", "world").fillna("world"),
-                 group_size=_col(c, "group_size", 1).fillna(1).astype(int),
-                 num_groups=_col(c, "num_groups", 1).fillna(1).astype(int),
-                 crosses_nodes=_col(c, "crosses_nodes", False).fillna(False).astype(bool),
-                 _t_s=time_s(c), _run=_runs(c))
-    c = c[(c["group_size"] > 1) & c["size_bytes"].notna() & (c["_t_s"] > 0)]
-    if "in_place" in c.columns:
-        inplace = c["in_place"].fillna(False).astype(bool)
-        has_out = (~inplace).groupby([c["_run"], c["kind"], c["axis"], c["group_size"],
-                                      c["num_groups"]]).transform("any")
-        c = c[~(inplace & has_out)]
-    return c
+    """The points of every collective fit (:func:`analysis.fits.collective_points`: the rows
+    and statistic the measured profile prices from), labelled by run."""
+    return collective_points(df.assign(_run=_runs(df)) if len(df) else df, kind)
 
 
 def collective_fits(df: pd.DataFrame, kind: str | None = None) -> pd.DataFrame:
-    """One row per run and group: α–β fit (analysis.fits) and the best measured bus bandwidth."""
+    """One row per run and fit key: the α–β fit the predictor uses (analysis.fits) and the
+    best bus bandwidth among its points."""
     c = collective_rows(df, kind)
+    fits = fit_collectives(df.assign(_run=_runs(df)) if len(df) else df, kind)
     out = []
-    for key, g in c.groupby(["_run", *GROUP_KEYS], sort=True):
+    for key, g in (c.groupby(["_run", *GROUP_KEYS], sort=True) if len(c) else ()):
         k = dict(zip(["run", *GROUP_KEYS], key))
-        fit = fit_alpha_beta(g["size_bytes"].astype(float), g["_t_s"])
+        fit = fits[tuple(key)]
         f = bus_factor(k["kind"], int(k["group_size"]))
-        bus = g["busbw_gbps"].astype(float) if "busbw_gbps" in g.columns else \
-            f * g["size_bytes"].astype(float) / g["_t_s"] / 1e9
-        out.append({**k, "num_points": len(g), "min_bytes": int(g["size_bytes"].min()),
+        bus = f * g["size_bytes"].astype(float) / g["_t_s"] / 1e9
+        out.append({**k, "axes": ",".join(sorted(set(g["axis"].astype(str)))), "num_points": len(g),
+                    "min_bytes": int(g["size_bytes"].min()),
                     "max_bytes": int(g["size_bytes"].max()), "alpha_us": fit.alpha_s * 1e6,
                     "fit_busbw_gbps": f * fit.bandwidth_gbps if fit.beta_s_per_byte > 0 else float("nan"),
                     "max_busbw_gbps": float(bus.max()), "fit_residual_pct": 100 * fit.residual_rel,
@@ -116,8 +103,9 @@ def collective_fits(df: pd.DataFrame, kind: str | None = None) -> pd.DataFrame:
 
 def busbw_vs_size(df: pd.DataFrame, kind: str, *, fit: bool = True) -> Figure:
     """Bus bandwidth (GB/s, nccl-tests convention) against message size S for one collective
-    kind: one series per run and group (axis, group size, concurrent groups), markers for the
-    measurements and a dashed line for the α–β fit t = α + β·S, drawn as busbw = factor·S/t."""
+    kind: one series per run and fit key (group size, concurrent groups, placement), markers
+    for the points of the fit at its statistic (the per-iteration mean) and a dashed line for
+    the α–β fit t = α + β·S the predictor prices from, drawn as busbw = factor·S/t."""
     c = collective_rows(df, kind)
     fig = Figure(figsize=FIGSIZE, layout="constrained")
     ax = fig.add_subplot()
@@ -128,9 +116,9 @@ def busbw_vs_size(df: pd.DataFrame, kind: str, *, fit: bool = True) -> Figure:
         g = g.sort_values("size_bytes")
         x = g["size_bytes"].astype(float).to_numpy()
         f = bus_factor(kind, int(k["group_size"]))
-        y = g["busbw_gbps"].astype(float).to_numpy() if "busbw_gbps" in g.columns and \
-            g["busbw_gbps"].notna().all() else f * x / g["_t_s"].to_numpy() / 1e9
-        label = (f"{k['run']}: " if many_runs else "") + _group_label(k)
+        y = f * x / g["_t_s"].to_numpy() / 1e9  # the fit's statistic: per-iteration mean
+        label = (f"{k['run']}: " if many_runs else "") + _group_label(
+            {**k, "axis": ",".join(sorted(set(g["axis"].astype(str))))})
         (line,) = ax.plot(x, y, marker="o", linestyle="-", linewidth=1, label=label)
         if fits is not None:
             ft: Fit = fits.loc[tuple(key), "_fit"]
@@ -221,34 +209,48 @@ def gemm_tflops(df: pd.DataFrame, *, measured_peak: Mapping[str, float] | None =
 # Predictions
 
 def step_breakdown(predictions: Mapping[str, Any]) -> Figure:
-    """Stacked bar of the predicted step time by component (analysis.predict.COMPONENTS),
-    one bar per prediction; ``predictions``: label → :class:`analysis.predict.Prediction`."""
+    """The predicted step by share, one bar per prediction (``label → Prediction``): left, the
+    share of each component (analysis.predict.COMPONENTS); right, the share that was measured,
+    extrapolated and specified. Shares, not seconds, so a 1.6e5 s spec and a 116 s profile
+    can be read side by side; each bar is labelled with its step time."""
     from .predict import COMPONENTS
-    fig = Figure(figsize=(max(6.0, 2.2 * len(predictions) + 3), 5.5), layout="constrained")
-    ax = fig.add_subplot()
     labels = list(predictions)
+    fig = Figure(figsize=(max(9.0, 3.6 * len(predictions) + 4), 5.8), layout="constrained")
+    ax_c, ax_w = fig.subplots(1, 2)
+    x = np.arange(len(labels))
     bottom = np.zeros(len(labels))
-    cmap = [f"C{i % 10}" for i in range(len(COMPONENTS))]
-    hatches = ["", "", "", "", "", "", "", "", "", "", "//"]
     for j, comp in enumerate(COMPONENTS):
-        vals = np.array([predictions[k].breakdown_s.get(comp, 0.0) for k in labels])
+        vals = np.array([predictions[k].breakdown_s.get(comp, 0.0) / predictions[k].step_time_s for k in labels])
         if not np.any(vals > 0):
             continue
-        ax.bar(range(len(labels)), vals, 0.6, bottom=bottom, label=comp, color=cmap[j],
-               hatch=hatches[j % len(hatches)])
+        ax_c.bar(x, 100 * vals, 0.6, bottom=100 * bottom, label=comp, color=f"C{j % 10}",
+                 hatch="//" if j >= 10 else "")
         bottom += vals
-    for i, k in enumerate(labels):
-        ax.text(i, bottom[i], f"{predictions[k].step_time_s:.3g} s", ha="center", va="bottom",
-                fontsize="small")
-    ax.set_xticks(range(len(labels)), [_wrap(k) for k in labels], fontsize="small")
-    ax.set_xlabel("profile (measured run, or specification)")
-    ax.set_ylabel("predicted step time (s)")
+    colors = {"measured": "tab:green", "extrapolated": "tab:orange", "specified": "tab:gray"}
+    bottom = np.zeros(len(labels))
+    for w in WORDS:
+        vals = np.array([predictions[k].seconds_by_provenance.get(w, 0.0) / predictions[k].step_time_s
+                         for k in labels])
+        ax_w.bar(x, 100 * vals, 0.6, bottom=100 * bottom, label=w, color=colors[w])
+        for i, v in enumerate(vals):
+            if v >= 0.04:
+                ax_w.text(i, 100 * (bottom[i] + v / 2), f"{v:.0%}", ha="center", va="center", fontsize="small")
+        bottom += vals
+    for ax in (ax_c, ax_w):
+        for i, k in enumerate(labels):
+            ax.text(i, 101, f"{predictions[k].step_time_s:.4g} s", ha="center", va="bottom", fontsize="small")
+        ax.set_xticks(x, [_wrap(k) for k in labels], fontsize="small")
+        ax.set_ylim(0, 110)
+        ax.set_xlabel("profile (measured run, or specification)")
+        ax.set_ylabel("share of the predicted step (%)")
+        ax.grid(True, axis="y", alpha=0.3)
     first = next(iter(predictions.values()), None)
     what = "" if first is None else f" — {first.config.model.name}, " \
         f"tp {first.config.parallel.tp} × pp {first.config.parallel.pp} × dp {first.config.parallel.dp}"
-    ax.set_title(f"Predicted step-time breakdown{what}")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(True, axis="y", alpha=0.3)
+    ax_c.set_title(f"Step by component{what}", fontsize="medium")
+    ax_w.set_title("Step by provenance", fontsize="medium")
+    ax_c.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax_w.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 

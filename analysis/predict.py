@@ -25,6 +25,7 @@ from microbench.config import PRESETS, ModelConfig, ParallelConfig, TrainConfig,
 
 from . import formulas
 from .profile import SystemProfile, group_placement, load_profile
+from .provenance import WORDS, Ledger, seconds_by_word, summarise, word_of
 
 GIB = 2 ** 30
 COMPONENTS = ("gemm", "attention", "memops", "recompute", "tp_comm", "pp_p2p", "embedding_head",
@@ -51,6 +52,16 @@ class Prediction:
     fits_in_memory: bool
     seed_model: dict[str, float]
     sources: dict[str, str]
+    """Step component (and ``peak``, ``memory``, ``overlap.*``) → provenance (analysis.provenance):
+    measured / extrapolated (from what) / specified (file: key); several joined by '; '."""
+    provenance_s: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Step component → {source: seconds of the step}; each sums to the component's seconds."""
+    seconds_by_provenance: dict[str, float] = field(default_factory=dict)
+    """measured / extrapolated / specified → seconds of the step (they sum to the step)."""
+    profile_sources: dict[str, str] = field(default_factory=dict)
+    """The profile's own sources (what it measured, as a whole)."""
+    notes: list[str] = field(default_factory=list)
+    """Rows left out and the like, from the profile."""
     placement: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,44 +73,70 @@ class Prediction:
         return d
 
 
-def _layer(w: _wl.Workload, profile: SystemProfile, cfg: TrainConfig) -> dict[str, float]:
+class _Pricer:
+    """Prices operations on a profile and books each time with its source in a ledger
+    (analysis.provenance), under the step component it belongs to."""
+
+    def __init__(self, profile: SystemProfile, ledger: Ledger):
+        self.p, self.ledger = profile, ledger
+
+    def gemm(self, g: _wl.Gemm, comp: str, times: float = 1.0) -> float:
+        return self.ledger.add(comp, self.p.gemm_source(g), times * self.p.gemm_time_s(g))
+
+    def attention(self, a: _wl.Attention, comp: str) -> float:
+        return self.ledger.add(comp, self.p.attention_source(a), self.p.attention_time_s(a))
+
+    def nbytes(self, n: float, op: str, comp: str, times: float = 1.0) -> float:
+        return self.ledger.add(comp, self.p.bytes_source(op=op, nbytes=n), times * self.p.bytes_time_s(n, op=op))
+
+    def coll(self, c: _wl.Collective, pl, comp: str, times: float = 1.0) -> float:
+        kw = dict(crosses_nodes=pl.crosses_nodes, num_groups=pl.num_groups,
+                  ranks_per_node_in_group=pl.ranks_per_node_in_group)
+        return self.ledger.add(comp, self.p.collective_source(c, **kw), times * self.p.collective_time_s(c, **kw))
+
+    def p2p(self, c: _wl.Collective, pl, comp: str, times: float = 1.0) -> float:
+        return self.ledger.add(comp, self.p.p2p_source(crosses_nodes=pl.crosses_nodes, coll=c),
+                               times * self.p.p2p_time_s(c, crosses_nodes=pl.crosses_nodes))
+
+
+def _layer(w: _wl.Workload, pr: _Pricer, cfg: TrainConfig) -> dict[str, float]:
     """Seconds per layer per micro-batch, by phase and component (one rank)."""
+    profile = pr.p
     out = dict.fromkeys(("gemm_fwd", "gemm_bwd", "gemm_re", "attn_fwd", "attn_bwd", "attn_re",
                          "mem_fwd", "mem_bwd", "mem_re", "tp_fwd", "tp_bwd", "tp_re"), 0.0)
     for g in w.gemms:
         key = {"fwd": "gemm_fwd", "dgrad": "gemm_bwd", "wgrad": "gemm_bwd", "recompute": "gemm_re"}[g.phase]
-        out[key] += g.count * profile.gemm_time_s(g)
+        out[key] += pr.gemm(g, "recompute" if key == "gemm_re" else "gemm", g.count)
     for a in w.attention:
         key = "attn_re" if a.name.endswith("recompute") else f"attn_{a.phase}"
-        out[key] += profile.attention_time_s(a)
+        out[key] += pr.attention(a, "recompute" if key == "attn_re" else "attention")
     fused = profile.attention_fused
     for op in w.memops:
         if op.explicit_attention_only and fused:
             continue
-        t = op.count * profile.memop_time_s(op)
+        t = pr.nbytes(op.bytes, op.name, "memops", op.count)
         out[f"mem_{op.phase}"] += t
-        if op.phase == "fwd" and cfg.parallel.recompute == "full":
-            out["mem_re"] += t  # the whole forward runs again before the backward
-        elif op.phase == "fwd" and cfg.parallel.recompute == "selective" and op.explicit_attention_only:
-            out["mem_re"] += t  # selective recompute re-runs the attention core (softmax with it)
+        if (op.phase == "fwd" and cfg.parallel.recompute == "full") or \
+                (op.phase == "fwd" and cfg.parallel.recompute == "selective" and op.explicit_attention_only):
+            # full: the whole forward runs again; selective: the attention core (softmax with it)
+            out["mem_re"] += pr.nbytes(op.bytes, op.name, "recompute", op.count)
     tp = group_placement(cfg, "tp", ranks_per_node=profile.ranks_per_node)
     for c in w.collectives:
-        t = c.count * profile.collective_time_s(c, crosses_nodes=tp.crosses_nodes, num_groups=tp.num_groups,
-                                                ranks_per_node_in_group=tp.ranks_per_node_in_group)
-        t *= profile.overlap("tp_wgrad" if c.overlappable else "tp")
-        out[{"fwd": "tp_fwd", "bwd": "tp_bwd", "recompute": "tp_re"}.get(c.phase, "tp_bwd")] += t
+        f = profile.overlap("tp_wgrad" if c.overlappable else "tp")
+        comp = "recompute" if c.phase == "recompute" else "tp_comm"
+        out[{"fwd": "tp_fwd", "bwd": "tp_bwd", "recompute": "tp_re"}.get(c.phase, "tp_bwd")] += \
+            pr.coll(c, tp, comp, c.count * f)
     return out
 
 
-def _tp_one(w: _wl.Workload, profile: SystemProfile, cfg: TrainConfig) -> float:
+def _tp_one(w: _wl.Workload, pr: _Pricer, cfg: TrainConfig, comp: str) -> float:
     """One forward TP reduction of [T, d] (the vocab-parallel embedding's, or the LM head
     input's gradient): the first forward collective of the layer, priced once."""
-    tp = group_placement(cfg, "tp", ranks_per_node=profile.ranks_per_node)
+    tp = group_placement(cfg, "tp", ranks_per_node=pr.p.ranks_per_node)
     fwd = [c for c in w.collectives if c.phase == "fwd" and c.kind in ("allreduce", "reduce_scatter")]
     if not fwd:
         return 0.0
-    return profile.collective_time_s(fwd[0], crosses_nodes=tp.crosses_nodes, num_groups=tp.num_groups,
-                                     ranks_per_node_in_group=tp.ranks_per_node_in_group) * profile.overlap("tp")
+    return pr.coll(fwd[0], tp, comp, pr.p.overlap("tp"))
 
 
 def seed_model(cfg: TrainConfig, profile: SystemProfile, *, w: _wl.Workload | None = None) -> dict[str, float]:
@@ -130,7 +167,9 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
     p = cfg.parallel
     w = _wl.workload(cfg, p2p_scatter_gather=p2p_scatter_gather)
     Ls = cfg.layers_per_stage
-    lay = _layer(w, profile, cfg)
+    ledger = Ledger()
+    pr = _Pricer(profile, ledger)
+    lay = _layer(w, pr, cfg)
     m, v = p.num_microbatches, p.interleave
 
     # Pipeline p2p: one activation forward, one gradient backward per micro-batch per
@@ -138,7 +177,7 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
     pp_pl = group_placement(cfg, "pp", ranks_per_node=profile.ranks_per_node)
     p2p_f = p2p_b = 0.0
     for c in w.p2p:
-        t = c.count * profile.p2p_time_s(c, crosses_nodes=pp_pl.crosses_nodes)
+        t = pr.p2p(c, pp_pl, "pp_p2p", c.count)
         if c.phase == "fwd":
             p2p_f += t
         else:
@@ -146,18 +185,19 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
 
     # First stage: embedding lookup (+ its backward scatter, same bytes twice) and its TP
     # reduction. Last stage: LM head GEMMs, final norm (fwd + 2× bwd), cross-entropy.
-    tp1 = _tp_one(w, profile, cfg)
+    # Each stage's extras are booked apart; only the bottleneck stage's enter the step.
     emb = [op for op in w.head_memops if op.name == "embedding"]
-    first_f = sum(profile.memop_time_s(op) for op in emb) + tp1
-    first_b = sum(2 * profile.memop_time_s(op) for op in emb)
-    last_f = sum(profile.gemm_time_s(g) for g in w.head_gemms if g.phase == "fwd")
-    last_b = sum(profile.gemm_time_s(g) for g in w.head_gemms if g.phase != "fwd") + tp1
+    first_f = sum(pr.nbytes(op.bytes, op.name, "extra:first") for op in emb) + _tp_one(w, pr, cfg, "extra:first")
+    first_b = sum(pr.nbytes(op.bytes, op.name, "extra:first", 2) for op in emb)
+    last_f = sum(pr.gemm(g, "extra:last") for g in w.head_gemms if g.phase == "fwd")
+    last_b = sum(pr.gemm(g, "extra:last") for g in w.head_gemms if g.phase != "fwd") + \
+        _tp_one(w, pr, cfg, "extra:last")
     for op in w.head_memops:
         if op.name == "final_norm":
-            last_f += profile.memop_time_s(op)
-            last_b += profile.bytes_time_s(2 * op.bytes, op=op.name)
+            last_f += pr.nbytes(op.bytes, op.name, "extra:last")
+            last_b += pr.nbytes(2 * op.bytes, op.name, "extra:last")
         elif op.name == "cross_entropy":
-            last_f += profile.memop_time_s(op)
+            last_f += pr.nbytes(op.bytes, op.name, "extra:last")
 
     parts_f = {"gemm": lay["gemm_fwd"], "attention": lay["attn_fwd"], "memops": lay["mem_fwd"],
                "tp_comm": lay["tp_fwd"]}
@@ -165,12 +205,15 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
                "tp_comm": lay["tp_bwd"],
                "recompute": lay["gemm_re"] + lay["attn_re"] + lay["mem_re"] + lay["tp_re"]}
     layers = {k: Ls * (parts_f.get(k, 0.0) + parts_b.get(k, 0.0)) for k in set(parts_f) | set(parts_b)}
-    layers["overhead"] = Ls * profile.layer_overhead_time_s()
+    layers["overhead"] = Ls * ledger.add("overhead", profile.layer_overhead_source(),
+                                         profile.layer_overhead_time_s())
     layers_f = Ls * sum(parts_f.values())
     stages = {"first": (first_f, first_b), "last": (last_f, last_b)}
     if p.pp == 1:
         stages = {"only": (first_f + last_f, first_b + last_b)}
     name, (ex_f, ex_b) = max(stages.items(), key=lambda kv: sum(kv[1]))
+    for st in ("first", "last") if name == "only" else (name,):
+        ledger.merge("embedding_head", f"extra:{st}")
     per_mb = dict(layers, pp_p2p=p2p_f + p2p_b, embedding_head=ex_f + ex_b)
     t_f = layers_f + ex_f + p2p_f
     t_b = sum(per_mb.values()) - t_f
@@ -181,6 +224,10 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
     for k, t in per_mb.items():
         br[k] += m * t
     br["bubble"] = bubble_frac * m * stage_mb
+    # the bubble idles for the same mix of work as the stage: booked with the stage's sources
+    for src, t in ledger.shares({k: br[k] for k in per_mb}).items():
+        for s, sec in t.items():
+            ledger.add("bubble", s, sec)
 
     # DP gradient sync: reduce-scatter/allreduce buckets overlap the last micro-batch's
     # backward (exposed = max(t − window, f_exposed·t)); the ZeRO allgather follows the
@@ -191,26 +238,25 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
     dp_pl = group_placement(cfg, "dp", ranks_per_node=profile.ranks_per_node)
     hideable, window = 0.0, 0.0
     for c in w.dp:
-        t = profile.collective_time_s(c, crosses_nodes=dp_pl.crosses_nodes, num_groups=dp_pl.num_groups,
-                                      ranks_per_node_in_group=dp_pl.ranks_per_node_in_group)
         if c.kind == "allgather" and p.zero_stage >= 3:
-            hideable += t * 2 * m
+            hideable += pr.coll(c, dp_pl, "dp_sync", 2 * m)
             window = max(window, m * stage_mb)
         elif c.overlappable and p.zero_stage >= 2:
             # ZeRO-2/3 reduce-scatter the gradients in every micro-batch's backward
             # (DeepSpeed's partitioned gradients cannot accumulate unreduced)
-            hideable += t * m
+            hideable += pr.coll(c, dp_pl, "dp_sync", m)
             window = max(window, m * t_b)
         elif c.overlappable:
-            hideable += t
+            hideable += pr.coll(c, dp_pl, "dp_sync")
             window = max(window, t_b)
         else:
-            br["dp_sync"] += t
+            br["dp_sync"] += pr.coll(c, dp_pl, "dp_sync")
     if dp_overlap and window > 0:
         hideable = max(hideable - window, profile.overlap("dp") * hideable)
     br["dp_sync"] += hideable
-    br["optimizer"] = profile.bytes_time_s(w.optimizer_bytes, op="adamw")
+    br["optimizer"] = pr.nbytes(w.optimizer_bytes, "adamw", "optimizer")
     step = sum(br.values())
+    shares = ledger.shares(br)
 
     # The first stage holds the most micro-batches in flight, the last the LM head: take the
     # stage whose total is largest (memory_bytes prices each stage).
@@ -219,6 +265,14 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
     mem_gib["total"] = sum(mem.values()) / GIB
     mem_gib["capacity"] = profile.device_memory_gib
     tflops = formulas.megatron_tflops(cfg, step)
+    prof_src = profile.sources()
+    sources = {k: summarise(list(v)) for k, v in shares.items()}
+    if p.tp > 1:
+        sources["overlap.tp"] = profile.overlap_source("tp")
+    if p.dp > 1:
+        sources["overlap.dp"] = profile.overlap_source("dp")
+    sources["peak"] = prof_src["peak"]
+    sources["memory"] = prof_src["memory"]
     return Prediction(
         config=cfg, system=profile.name, step_time_s=step, breakdown_s=br,
         stage_fwd_s=t_f, stage_bwd_s=t_b, num_microbatches=m, bubble_fraction=bubble_frac,
@@ -226,7 +280,9 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
         model_tflops_per_device=tflops, mfu=tflops / profile.peak_tflops,
         fom=formulas.fom(cfg, step), memory_gib_per_device=mem_gib,
         fits_in_memory=mem_gib["total"] <= profile.device_memory_gib,
-        seed_model=seed_model(cfg, profile, w=w), sources=profile.sources(),
+        seed_model=seed_model(cfg, profile, w=w), sources=sources,
+        provenance_s=shares, seconds_by_provenance=seconds_by_word(shares),
+        profile_sources=prof_src, notes=list(getattr(profile, "notes", [])),
         placement={ax: dataclasses.asdict(group_placement(cfg, ax, ranks_per_node=profile.ranks_per_node))
                    for ax in ("tp", "dp", "pp")} | {"bottleneck_stage": {"name": name}})
 
@@ -250,7 +306,10 @@ def add_config_args(ap: argparse.ArgumentParser) -> None:
     lay.add_argument("--zero", type=int, choices=(0, 1, 2, 3))
     s = ap.add_argument_group("system")
     s.add_argument("--system", help="shipped spec (analysis/systems/NAME.yaml) or a YAML path")
-    s.add_argument("--profile", nargs="+", metavar="RUN_DIR", help="measured probe results")
+    s.add_argument("--profile", nargs="+", metavar="RUN_DIR",
+                   help="measured probe results, priced over --system for what they do not measure")
+    s.add_argument("--include-failed", action="store_true",
+                   help="leave failed rows (or rows with num_wrong > 0) out of --profile instead of refusing")
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
@@ -277,10 +336,12 @@ def format_table(pr: Prediction) -> str:
     lines = [f"{cfg.model.name} on {pr.system}: tp {p.tp} × pp {p.pp} × dp {p.dp} = {p.world_size} ranks, "
              f"mbs {p.micro_batch}, gbs {p.global_batch} ({pr.num_microbatches} micro-batches), "
              f"interleave {p.interleave}, recompute {p.recompute}, sp {p.sequence_parallel}, zero {p.zero_stage}",
-             "", f"{'component':<16}{'seconds':>12}{'share':>9}"]
+             "", f"{'component':<16}{'seconds':>12}{'share':>9}  provenance (share of the component)"]
     for k, v in pr.breakdown_s.items():
-        lines.append(f"{k:<16}{v:>12.4f}{v / pr.step_time_s:>8.1%}")
-    lines.append(f"{'step':<16}{pr.step_time_s:>12.4f}{1:>8.0%}")
+        lines.append(f"{k:<16}{v:>12.4f}{v / pr.step_time_s:>8.1%}  {word_shares(pr.provenance_s.get(k, {}))}")
+    lines.append(f"{'step':<16}{pr.step_time_s:>12.4f}{1:>8.0%}  {word_shares({w: t for w, t in pr.seconds_by_provenance.items()})}")
+    lines.append("by provenance                    " + ", ".join(
+        f"{w} {t:.4g} s ({t / pr.step_time_s:.1%})" for w, t in pr.seconds_by_provenance.items()))
     mem = pr.memory_gib_per_device
     lines += ["", f"stage fwd / bwd per micro-batch  {pr.stage_fwd_s * 1e3:.2f} / {pr.stage_bwd_s * 1e3:.2f} ms; "
               f"bubble {pr.bubble_fraction:.1%}",
@@ -293,8 +354,22 @@ def format_table(pr: Prediction) -> str:
               f"vs this prediction)",
               "memory GiB/device                " + ", ".join(f"{k} {v:.1f}" for k, v in mem.items())
               + ("" if pr.fits_in_memory else "  ** DOES NOT FIT **"),
-              "sources                          " + ", ".join(f"{k}={v}" for k, v in pr.sources.items())]
+              "", "sources (measured: at the priced shape and group; extrapolated: from what; "
+              "specified: file and key)"]
+    lines += [f"  {k:<15}{v}" for k, v in pr.sources.items()]
+    lines += [f"note: {n}" for n in pr.notes]
     return "\n".join(lines)
+
+
+def word_shares(per_source: dict[str, float]) -> str:
+    """'measured 62% · extrapolated 38%' from {source or word: seconds}."""
+    tot: dict[str, float] = {}
+    for src, t in per_source.items():
+        tot[word_of(src)] = tot.get(word_of(src), 0.0) + t
+    all_t = sum(tot.values())
+    if all_t <= 0:
+        return "-"
+    return " · ".join(f"{w} {tot[w] / all_t:.0%}" for w in WORDS if tot.get(w, 0) > 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -305,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         cfg = config_from_args(a)
-        profile = load_profile(system=a.system, profile_dirs=a.profile)
+        profile = load_profile(system=a.system, profile_dirs=a.profile, include_failed=a.include_failed)
         pr = predict(cfg, profile, dp_overlap=not a.no_dp_overlap)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,14 +22,20 @@ from microbench.config import TrainConfig, with_layout
 
 from . import formulas
 from .predict import Prediction, add_config_args, config_from_args, predict
+from .errors import AnalysisError
 from .profile import SystemProfile, load_profile
 
 
 def default_nodes(cfg: TrainConfig, profile: SystemProfile, *, start: int | None = None) -> list[int]:
-    """Powers of two from the preset's node count to the machine, plus the full machine."""
+    """Powers of two from the preset's node count to the machine (the spec's ``nodes``),
+    plus the full machine. A spec of a node type (``nodes: null``) has no machine to grow
+    to: the caller must name the node counts."""
     rpn = profile.ranks_per_node
     first = start or max(1, -(-cfg.parallel.world_size // rpn))
-    full = int(getattr(profile, "spec", {}).get("nodes", first * 16))
+    if profile.nodes is None:
+        raise AnalysisError(f"system {profile.name} states no machine size (nodes: null in its spec): "
+                            f"give --nodes N [N …]")
+    full = profile.nodes
     out, n = [], first
     while n < full:
         out.append(n)
@@ -112,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         cfg = config_from_args(a)
-        profile = load_profile(system=a.system, profile_dirs=a.profile)
+        profile = load_profile(system=a.system, profile_dirs=a.profile, include_failed=a.include_failed)
         bad = [n for n in a.nodes or [] if n < 1]
         if bad:
             raise ValueError(f"--nodes {bad[0]}: node counts must be ≥ 1")

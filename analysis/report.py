@@ -31,24 +31,30 @@ from microbench.results import iter_run_dirs, read_run
 
 from . import plots
 from .load import load_run
+from .manifest import config_from_manifest
 from .predict import COMPONENTS, Prediction, predict
+from .errors import AnalysisError
+from .predict import word_shares
 from .profile import MeasuredProfile, SpecProfile, SystemProfile
 from .project import default_nodes, project
+from .provenance import WORDS
 
 CHECKED = ("device", "backend", "versions.torch", "schema_version", "world_size")
-DEFAULT_MODEL, DEFAULT_SYSTEM = "alcf-1t", "aurora"  # the benchmark's target (DESIGN.md)
+DEFAULT_MODEL = "alcf-1t"  # the benchmark's target configuration (DESIGN.md)
 CROSSCHECK_FILES = ("crosscheck.csv", "crosscheck.jsonl")
 
 
-class ReportError(ValueError):
-    """Input the report cannot use; printed as one ``error: …`` line, exit 2."""
+ReportError = AnalysisError
+"""Input the report cannot use (the analysis layer's one error type); ``error: …``, exit 2."""
 
 
 @dataclass(frozen=True)
 class Target:
-    """What to predict: a model preset and a spec system (the fallback under measured parts)."""
+    """What to predict: a model preset and a spec system (under the measured parts: named by
+    the user or by the run's manifest, never a default)."""
     model: str | None = None
     system: str | None = None
+    include_failed: bool = False
 
 
 @dataclass
@@ -109,18 +115,6 @@ def read_runs(run_dirs: Iterable[str | os.PathLike]) -> list[Run]:
 # ---------------------------------------------------------------------------------------------
 # Configs and profiles
 
-def config_from_manifest(manifest: Mapping[str, Any]) -> TrainConfig | None:
-    """The run's training config: the manifest's full ``config``, else its ``model`` preset."""
-    c = manifest.get("config")
-    if isinstance(c, Mapping) and isinstance(c.get("model"), Mapping):
-        try:
-            return TrainConfig(model=ModelConfig(**c["model"]), parallel=ParallelConfig(**c["parallel"]))
-        except (TypeError, ValueError, KeyError):
-            pass
-    model = manifest.get("model")
-    return preset(model) if isinstance(model, str) and model else None
-
-
 def target_config(runs: Sequence[Run], target: Target) -> tuple[TrainConfig, str]:
     if target.model:
         return preset(target.model), f"--model {target.model}"
@@ -131,10 +125,11 @@ def target_config(runs: Sequence[Run], target: Target) -> tuple[TrainConfig, str
     return preset(DEFAULT_MODEL), f"default ({DEFAULT_MODEL}: no run names a model)"
 
 
-def run_profile(run: Run, spec: SpecProfile) -> tuple[SystemProfile, str | None]:
+def run_profile(run: Run, spec: SpecProfile, *, include_failed: bool = False) -> tuple[SystemProfile, str | None]:
     """The run's measured profile over ``spec``; the spec alone (and why) if nothing is usable."""
     try:
-        return MeasuredProfile.from_rows(run.rows, fallback=spec, name=run.label), None
+        return MeasuredProfile.from_rows(run.rows, fallback=spec, name=run.label,
+                                         include_failed=include_failed), None
     except (KeyError, TypeError) as e:
         raise ReportError(f"{run.dir}: rows unusable for a profile ({type(e).__name__}: {e})") from None
     except ValueError as e:
@@ -202,7 +197,10 @@ def collective_sections(runs: Sequence[Run], df: pd.DataFrame, out_dir: Path, wr
             "of groups running at once. Dashed lines: the α–β fit t = α + β·S (analysis.fits, "
             "relative least squares), shown as busbw; α is the latency, busbw∞ the asymptote the "
             "predictor uses for large messages. A large fit residual means the sweep crosses a "
-            "protocol or algorithm switch. Out-of-place points where a sweep has both.",
+            "protocol or algorithm switch. Points and fits are exactly what the measured profile "
+            "prices from (analysis.fits.collective_points): the per-iteration mean, out-of-place "
+            "points where a sweep has both, derived rows (the DP probe's extrapolated whole-step "
+            "row) left out.",
             figure=name, table=t))
     return out
 
@@ -244,12 +242,17 @@ def prediction_sections(runs: Sequence[Run], out_dir: Path, written: list[str],
                         target: Target) -> list[Section]:
     cfg, cfg_from = target_config(runs, target)
     named = [r.manifest.get("system") for r in runs if isinstance(r.manifest.get("system"), str)]
-    sysname = target.system or (named[0] if named else DEFAULT_SYSTEM)
-    sys_from = "--system" if target.system else ("the run's manifest" if named else "default")
+    if not (target.system or named):
+        why = ("Skipped: no system named (give --system NAME, the spec that prices what the runs "
+               "did not measure; the runs' manifests name none).")
+        return [Section("Predicted step-time breakdown", why), Section("Projection: FOM and step time vs node count", why)]
+    sysname = target.system or named[0]
+    sys_from = "--system" if target.system else "the run's manifest"
     spec = SpecProfile.from_yaml(sysname)
     notes, profiles = [], {}
     for r in runs:
-        prof, note = run_profile(r, spec)
+        prof, note = run_profile(r, spec, include_failed=target.include_failed)
+        notes += [f"{r.label}: {n}" for n in getattr(prof, "notes", [])]
         if note:
             notes.append(note)
         profiles[f"{r.label} over {spec.name}"] = prof
@@ -269,21 +272,32 @@ def prediction_sections(runs: Sequence[Run], out_dir: Path, written: list[str],
         name = _save(plots.step_breakdown(preds), out_dir, "step_breakdown.png", written)
         t = pd.DataFrame({k: {**{c: v.breakdown_s.get(c, 0.0) for c in COMPONENTS},
                               "step_time_s": v.step_time_s, "mfu": v.mfu, "fom": v.fom,
-                              "measured_parts": ", ".join(s for s, src in v.sources.items() if src == "measured") or "none"}
+                              **{f"{w}_s": v.seconds_by_provenance.get(w, 0.0) for w in WORDS},
+                              **{f"{w}_pct": 100 * v.seconds_by_provenance.get(w, 0.0) / v.step_time_s
+                                 for w in WORDS}}
                           for k, v in preds.items()}).rename_axis("component (s)").reset_index()
         out.append(Section("Predicted step-time breakdown",
                            "The predicted time of one training step (analysis.predict: every op of the "
-                           "workload priced by the profile, composed over the 1F1B schedule), stacked by "
-                           "component, on each run's measured profile and on the specification alone. "
-                           "The tallest block is what limits the step. " + head,
+                           "workload priced by the profile, composed over the 1F1B schedule), on each "
+                           "run's measured profile and on the specification alone, as shares of the "
+                           "step (each bar is labelled with its seconds, so profiles whose steps differ "
+                           "by orders of magnitude stay readable). Left: by component; the largest block "
+                           "limits the step. Right: how much of the step was measured (at exactly the "
+                           "priced shape and group), extrapolated (from a smaller group, a scaled-down "
+                           "GEMM, a shorter sweep) or specified (a spec file's key); rows "
+                           "measured_s/extrapolated_s/specified_s of the table give the seconds. " + head,
                            figure=name, table=t, notes=notes))
+        out.append(provenance_section(preds))
     else:
         out.append(Section("Predicted step-time breakdown", "Skipped: no prediction. " + head, notes=notes))
     out.append(crosscheck_section(runs, profiles, out_dir, written, spec))
     # Projection: node counts of the spec machine (powers of two up to the whole machine).
-    nodes = default_nodes(cfg, spec)
     tables, proj_notes = {}, []
-    for label, prof in profiles.items():
+    try:
+        nodes = default_nodes(cfg, spec)
+    except ValueError as e:
+        nodes, proj_notes = [], [str(e)]
+    for label, prof in (profiles.items() if nodes else ()):
         try:
             tables[label] = project(cfg, prof, nodes)
         except ValueError as e:
@@ -307,6 +321,27 @@ def prediction_sections(runs: Sequence[Run], out_dir: Path, written: list[str],
         out.append(Section("Projection: FOM and step time vs node count",
                            "Skipped: no node count gave a valid layout. " + head, notes=proj_notes))
     return out
+
+
+def provenance_section(preds: Mapping[str, Prediction]) -> Section:
+    """Every component of every prediction with its seconds and where they came from."""
+    rows = []
+    for label, pr in preds.items():
+        for comp, t in pr.breakdown_s.items():
+            for src, sec in sorted(pr.provenance_s.get(comp, {}).items(), key=lambda kv: -kv[1]):
+                rows.append({"profile": label, "component": comp, "seconds": sec,
+                             "pct_of_step": 100 * sec / pr.step_time_s, "source": src})
+        for key in ("peak", "memory", "overlap.tp", "overlap.dp"):
+            if key in pr.sources:
+                rows.append({"profile": label, "component": key, "seconds": None, "pct_of_step": None,
+                             "source": pr.sources[key]})
+    summary = [f"{label}: {pr.step_time_s:.4g} s — " + word_shares(pr.seconds_by_provenance)
+               for label, pr in preds.items()]
+    return Section("Provenance of each predicted component",
+                   "Each component's seconds split by source: measured (at exactly the shape and group "
+                   "priced), extrapolated (and from what) or specified (spec file and key). A clamp or "
+                   "substitution is part of the source's text. The bubble carries the sources of the "
+                   "stage it idles for.", table=pd.DataFrame(rows), notes=summary)
 
 
 def _row_config(row: Mapping[str, Any], manifest: Mapping[str, Any]) -> TrainConfig:
@@ -489,13 +524,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--format", choices=("md", "html"), default="md")
     ap.add_argument("--force", action="store_true", help="compare runs whose checked metadata differ")
     ap.add_argument("--model", help=f"model preset to predict (default: the run's, else {DEFAULT_MODEL})")
-    ap.add_argument("--system", help=f"spec system under the measured profile (default {DEFAULT_SYSTEM})")
+    ap.add_argument("--system", help="spec system under the measured profile (default: the one the run's "
+                                     "manifest names; with neither, no prediction)")
+    ap.add_argument("--include-failed", action="store_true",
+                    help="leave failed rows out of the measured profile instead of refusing it")
     a = ap.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")
     try:
         path = build_report(a.run_dirs, out_dir=a.out, fmt=a.format, force=a.force,
-                            target=Target(model=a.model, system=a.system))
+                            target=Target(model=a.model, system=a.system, include_failed=a.include_failed))
     except (ValueError, OSError) as e:  # ResultsError and ReportError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

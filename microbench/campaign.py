@@ -72,11 +72,12 @@ def plan(args: argparse.Namespace, world_size: int, device_kind: str, *,
     n, w = (str(args.iters), str(args.warmup))
     common = ("--model", args.model, "-n", n, "-w", w, "--timeout-s", str(args.timeout_s),
               "--device", args.device, "--backend", args.backend, "--quiet")
-    scale = args.scale if args.scale is not None else auto_scale(
-        cfg, device_kind=device_kind, quick=args.quick)
+    if args.scale is None:
+        raise UsageError("plan: no compute scale chosen (choose_scale runs first)")
+    scale = args.scale
     lay = cfg.parallel  # compute probes measure exactly the target's per-rank shard
     compute = (*common, "--tp", str(lay.tp), "--pp", str(lay.pp), "--dp", str(lay.dp),
-               "--scale", f"{scale:g}")
+               "--scale", f"{scale:g}", *(("--peak-size", str(args.peak_size)) if args.peak_size else ()))
     sweep_max = "1M" if args.quick else "64M"
     steps = [
         # gemm measures the peak square GEMM first and layer_ops the peak copy: every
@@ -137,19 +138,80 @@ def check_steps(steps: list[Step], world_size: int) -> None:
             layout_config(pargs, world_size)
 
 
-def auto_scale(cfg, *, device_kind: str, quick: bool) -> float:
-    """1 on a GPU; on a CPU the power of two that brings the layer's largest GEMM under a
-    budget a core does in about a tenth of a second (less with --quick), never so small that
-    the rank's heads vanish."""
+TARGET_GEMM_S = 0.1  # the largest GEMM of a case should take about this long on a CPU (s)
+TARGET_GEMM_S_QUICK = 0.0125
+TARGET_PEAK_S = 1.0  # the square peak GEMM: longer, it is the ceiling every efficiency is against
+
+
+def gemm_rate_flops(dtype: str, *, size: int = 256, reps: int = 3) -> float:
+    """This CPU's matmul rate in ``dtype`` (FLOP/s): the best of ``reps`` size³ products after
+    one warm-up. The dtype matters: bf16 on a CPU without AVX-512 runs ~40× slower than fp32."""
+    import torch
+    from .harness import torch_dtype
+    dt = torch_dtype(dtype)
+    a = torch.randn(size, size).to(dt)
+    b = torch.randn(size, size).to(dt)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best
+
+
+def auto_scale(cfg, *, device_kind: str, quick: bool, rate_flops: float | None = None) -> tuple[float, str]:
+    """(scale, why). 1 on a GPU. On a CPU: the largest power of two ≤ 1 that brings the
+    layer's largest GEMM under ~0.1 s (0.0125 s with --quick) at ``rate_flops``, this CPU's
+    measured rate in the model's dtype; never so small that the rank's heads vanish."""
     if device_kind != "cpu":
-        return 1.0
-    budget = 5e8 if quick else 4e9  # FLOP; a CPU core does ~2–5e10 FLOP/s in fp32
+        return 1.0, f"1 on {device_kind}: the target's shapes as they are"
+    if not rate_flops or rate_flops <= 0:
+        raise ValueError(f"auto_scale on a CPU needs the measured GEMM rate, got {rate_flops!r}")
+    target_s = TARGET_GEMM_S_QUICK if quick else TARGET_GEMM_S
+    budget = rate_flops * target_s
     w = workload(cfg)
     biggest = max(g.flop for g in w.gemms + w.head_gemms)
     scale = 1.0
     while scale > 1 / 1024 and biggest * scale ** 3 > budget:
         scale /= 2
-    return max(scale, 1.0 / (cfg.model.num_heads // cfg.parallel.tp))
+    floor = 1.0 / (cfg.model.num_heads // cfg.parallel.tp)
+    why = (f"{scale:g}: the largest GEMM ({biggest:.3g} FLOP at scale 1) × scale³ within "
+           f"{target_s:g} s at this CPU's measured {cfg.model.dtype} matmul rate "
+           f"{rate_flops / 1e9:.3g} GFLOP/s")
+    if scale < floor:
+        why = (f"{floor:g}: the smallest scale that keeps one attention head per rank "
+               f"({cfg.model.num_heads} heads / tp {cfg.parallel.tp}); the GEMM budget alone asked for "
+               f"{scale:g} ({biggest:.3g} FLOP at scale 1, {target_s:g} s at the measured "
+               f"{cfg.model.dtype} rate {rate_flops / 1e9:.3g} GFLOP/s)")
+        scale = floor
+    return scale, why
+
+
+def auto_peak_size(*, rate_flops: float, quick: bool) -> int:
+    """The square peak GEMM on a CPU: the largest power of two N in [256, 2048] whose 2·N³
+    FLOP take at most ~1 s (¼ s with --quick) at the measured rate. A fixed 2048 takes
+    ~26 s per iteration in bf16 on an AVX2 core."""
+    budget = rate_flops * (TARGET_PEAK_S / 4 if quick else TARGET_PEAK_S)
+    n = 256
+    while n < 2048 and 2 * (2 * n) ** 3 <= budget:
+        n *= 2
+    return n
+
+
+def choose_scale(args: argparse.Namespace, device_kind: str) -> None:
+    """Set ``args.scale`` and ``args.peak_size`` (and ``args.scale_why``) once, before any
+    step is planned: given, or from this CPU's measured GEMM rate in the model's dtype."""
+    if args.scale is not None and (args.peak_size or device_kind != "cpu"):
+        args.scale_why = args.scale_why or f"{args.scale:g}: given with --scale"
+        return
+    cfg = preset(args.model)
+    rate = gemm_rate_flops(cfg.model.dtype) if device_kind == "cpu" else None
+    if args.scale is None:
+        args.scale, args.scale_why = auto_scale(cfg, device_kind=device_kind, quick=args.quick, rate_flops=rate)
+    if rate and not args.peak_size:
+        args.peak_size = auto_peak_size(rate_flops=rate, quick=args.quick)
+        args.scale_why += f"; peak GEMM {args.peak_size}³ (≤ {TARGET_PEAK_S / (4 if args.quick else 1):g} s at that rate)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -160,7 +222,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default results/campaign-<time>)")
     p.add_argument("--quick", action="store_true", help="fewer iterations, smaller sizes (a smoke run)")
     p.add_argument("--scale", type=float, default=None,
-                   help="compute-probe scale (default 1 on a GPU; on a CPU chosen so a GEMM takes ~0.1 s)")
+                   help="compute-probe scale (default 1 on a GPU; on a CPU chosen from a brief "
+                        "measurement of its matmul rate in the model's dtype, so the largest GEMM "
+                        "takes ~0.1 s)")
+    p.add_argument("--peak-size", type=int, default=None,
+                   help="size N of the square peak GEMM (default: the probe's on a GPU; on a CPU from "
+                        "its measured matmul rate, ~1 s per GEMM)")
+    p.add_argument("--scale-why", default=None, help=argparse.SUPPRESS)  # the parent's choice, passed on
     p.add_argument("-n", "--iters", type=int, default=None, help="timed iterations per case (default 10, 3 quick)")
     p.add_argument("-w", "--warmup", type=int, default=None, help="warm-up iterations (default 2, 1 quick)")
     p.add_argument("--only", default=None, help="comma list of probes to run (e.g. gemm,allreduce)")
@@ -178,6 +246,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--model {args.model!r}: unknown preset; known: {', '.join(PRESETS)}")
     if args.scale is not None and not 0 < args.scale <= 1:
         raise UsageError(f"--scale {args.scale:g}: must be in (0, 1]")
+    if args.scale is not None and args.scale_why is None:
+        args.scale_why = f"{args.scale:g}: given with --scale"
     args.iters = args.iters if args.iters is not None else (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     validate_run_flags(args, backends=[b for b in BACKENDS if b != "mpi4py"])
@@ -206,6 +276,15 @@ def progress(total: int, enabled: bool):
 
 def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
     world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
+    if args.scale is None or (world.device_kind == "cpu" and not args.peak_size):
+        # under a launcher: rank 0 measures, every rank uses its choice
+        import torch.distributed as dist
+        box: list[Any] = [None, None, None]
+        if world.rank == 0:
+            choose_scale(args, world.device_kind)
+            box = [args.scale, args.scale_why, args.peak_size]
+        dist.broadcast_object_list(box, src=0, group=world.control)
+        args.scale, args.scale_why, args.peak_size = box
     steps = plan(args, world.world_size, world.device_kind, ranks_per_node=world.ranks_per_node)
     check_steps(steps, world.world_size)  # a bad step stops the run before anything is measured
     writer = None
@@ -214,6 +293,7 @@ def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
         writer = results.RunWriter(args.out, {
             "probe": "campaign", "command": [sys.executable, "-m", MODULE, *argv],
             "model": args.model, "system": args.system, "quick": args.quick,
+            "compute_scale": {"value": args.scale, "peak_size": args.peak_size, "why": args.scale_why},
             "steps": [{"probe": s.module, "argv": list(s.argv), "title": s.title} for s in steps]})
         print(f"# microbench campaign: model {args.model}, world {world.world_size} "
               f"({world.num_nodes} node(s)), {world.device_kind}/{world.backend}, "
@@ -276,20 +356,42 @@ def predict_and_summarise(args: argparse.Namespace, run_dir: str) -> int:
     return 0
 
 
+PROVENANCE_WORDS = ("measured", "extrapolated", "specified")  # analysis.provenance's words
+
+
 def summary_text(args: argparse.Namespace, pred: dict[str, Any], run_dir: str, *,
                  spec: dict[str, Any] | None = None) -> str:
+    """The prediction in a few lines: how much of the step was measured, extrapolated (from
+    what) and specified (file and key), component by component."""
     cfg = preset(args.model)
     p = cfg.parallel
+    step = pred["step_time_s"]
     lines = [f"# prediction: {args.model} on {p.world_size} ranks (tp {p.tp} pp {p.pp} dp {p.dp}, "
              f"mbs {p.micro_batch}, gbs {p.global_batch}); system {args.system}"]
-    sources = pred.get("sources", {})
-    measured = sorted(k for k, v in sources.items() if v == "measured")
-    specified = sorted(k for k, v in sources.items() if v != "measured")
-    lines.append(f"#   measured here : {', '.join(measured) or 'nothing'}")
-    lines.append(f"#   specified     : {', '.join(specified) or 'nothing'} (from {args.system})")
-    lines.append(f"#   step time     : {pred['step_time_s']:.4g} s")
-    top = sorted(pred.get("breakdown_s", {}).items(), key=lambda kv: -kv[1])
-    lines.append("#   breakdown     : " + ", ".join(f"{k} {v:.3g} s" for k, v in top if v > 0))
+    if getattr(args, "scale_why", None):
+        lines.append(f"#   compute scale : {args.scale_why}")
+    lines.append(f"#   step time     : {step:.4g} s")
+    words = pred.get("seconds_by_provenance", {})
+    lines.append("#   of the step   : " + ", ".join(
+        f"{w} {words.get(w, 0.0):.3g} s ({words.get(w, 0.0) / step:.0%})" for w in PROVENANCE_WORDS))
+    per = pred.get("provenance_s", {})
+    for comp, t in sorted(pred.get("breakdown_s", {}).items(), key=lambda kv: -kv[1]):
+        if t <= 0:
+            continue
+        srcs = per.get(comp, {})
+        by_word = {w: sum(v for s_, v in srcs.items() if s_.split(" ", 1)[0] == w) for w in PROVENANCE_WORDS}
+        mix = " · ".join(f"{w} {v / t:.0%}" for w, v in by_word.items() if v > 0)
+        lines.append(f"#   {comp:<14}: {t:.3g} s  {mix}")
+        if comp == "bubble":
+            continue  # the stage's own sources, listed under its components
+        for src, v in sorted(srcs.items(), key=lambda kv: -kv[1]):
+            if not src.startswith("measured"):
+                lines.append(f"#       {v / t:>4.0%} {src}")
+    for key in ("peak", "memory", "overlap.tp", "overlap.dp"):
+        if key in pred.get("sources", {}):
+            lines.append(f"#   {key:<14}: {pred['sources'][key]}")
+    for note in pred.get("notes", []):
+        lines.append(f"#   note          : {note}")
     lines.append(f"#   FOM           : {pred['fom']:.4g}  (benchmark definition: (6sd²+s²d)·b·L/T)")
     lines.append(f"#   model TFLOP/s : {pred['model_tflops_per_device']:.4g} per device, "
                  f"MFU {100 * pred['mfu']:.1f}%")
@@ -319,6 +421,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:  # every step's arguments checked before any rank starts
             import torch
             guess = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+            if args.scale is None or (guess == "cpu" and not args.peak_size):  # once here, for every rank
+                choose_scale(args, guess)
+                argv = [*argv, "--scale", repr(args.scale), "--scale-why", args.scale_why,
+                        *(("--peak-size", str(args.peak_size)) if args.peak_size else ())]
+                print(f"# compute scale {args.scale_why}", flush=True)
             check_steps(plan(args, args.ranks, guess, ranks_per_node=args.ranks), args.ranks)
         except UsageError as e:
             print(f"error: {MODULE}: {e}", file=sys.stderr)

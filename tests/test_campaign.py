@@ -13,7 +13,7 @@ from tests.launch import REPO, env, run_local
 
 
 def args_for(*argv):
-    a = parser().parse_args(list(argv))
+    a = parser().parse_args([*argv, "--scale", "0.0625"] if "--scale" not in argv else list(argv))
     validate(a)
     return a
 
@@ -37,11 +37,34 @@ def test_only_and_skip_filter_the_plan():
     assert "microbench.overlap" not in {s.module for s in steps}
 
 
-def test_cpu_scale_brings_the_1t_gemms_down_but_keeps_a_head():
-    s = auto_scale(alcf_1t(), device_kind="cpu", quick=False)
-    assert s == 0.125 and 16 * s >= 1  # 16 heads per rank at TP 12
-    assert auto_scale(tiny(), device_kind="cpu", quick=False) == 1.0
-    assert auto_scale(alcf_1t(), device_kind="cuda", quick=False) == 1.0
+# alcf-1t at TP 12: the largest GEMM is the gated FC1, T 2048 × out 2·98,304/12 × in 24,576
+FC1_FLOP = 2 * 2048 * 16384 * 24576
+assert FC1_FLOP == 1_649_267_441_664
+
+
+def test_the_largest_1t_gemm_is_the_hand_computed_fc1():
+    from microbench.workload import workload
+    w = workload(alcf_1t())
+    assert max(g.flop for g in w.gemms + w.head_gemms) == FC1_FLOP
+
+
+@pytest.mark.parametrize("rate_flops, scale", [
+    (FC1_FLOP / 64 / 0.1, 0.25),   # budget exactly FC1/64: (1/4)³ fits, (1/2)³ does not
+    (4e10, 0.125),                 # an fp32-speed core: 4e9 FLOP per 0.1 s → 1/8 (FC1/512 = 3.2e9)
+    (1.3e9, 0.0625),               # bf16 on an AVX2 core: 1/32 would fit; one head per rank stops at 1/16
+])
+def test_cpu_scale_follows_the_measured_rate(rate_flops, scale):
+    s, why = auto_scale(alcf_1t(), device_kind="cpu", quick=False, rate_flops=rate_flops)
+    assert s == scale
+    assert f"{rate_flops / 1e9:.3g} GFLOP/s" in why
+    assert ("one attention head per rank" in why) == (rate_flops == 1.3e9)
+
+
+def test_gpu_scale_is_one_and_a_cpu_needs_a_rate():
+    assert auto_scale(alcf_1t(), device_kind="cuda", quick=False)[0] == 1.0
+    with pytest.raises(ValueError, match="measured GEMM rate"):
+        auto_scale(alcf_1t(), device_kind="cpu", quick=False)
+    assert auto_scale(tiny(), device_kind="cpu", quick=False, rate_flops=1e9)[0] == 1.0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -72,8 +95,11 @@ def test_quick_campaign_on_the_embedded_world(tmp_path):
     ok = df[df.status == "ok"]
     assert (ok.num_wrong.fillna(0) == 0).all()
     pred = json.loads((out / "prediction.json").read_text())
-    assert pred["step_time_s"] > 0 and pred["sources"]["gemm"] == "measured"
-    assert "measured here" in res.stdout and "specified" in res.stdout
+    assert pred["sources"]["gemm"] == "measured"  # tiny at scale 1: every GEMM at its own shape
+    words = pred["seconds_by_provenance"]
+    assert sum(words.values()) == pytest.approx(pred["step_time_s"], rel=1e-9)
+    assert "#   of the step   : measured" in res.stdout
+    assert man["compute_scale"]["value"] == 1.0 and "GFLOP/s" in man["compute_scale"]["why"]
 
 
 @pytest.mark.parametrize("world, tp, pp", [(2, 2, 2), (12, 12, 4), (24, 12, 8), (768, 12, 128)])
@@ -83,3 +109,21 @@ def test_group_sizes_fit_the_model_and_the_node(world, tp, pp):
     assert axis_size(cfg, "tp", world, cap=12) == tp  # TP inside a 12-tile node, heads % tp == 0
     assert axis_size(cfg, "pp", world) == pp          # 128 layers % pp == 0
     check_steps(plan(args_for("--model", "alcf-1t"), world, "cpu", ranks_per_node=12), world)
+
+
+@pytest.mark.parametrize("rate_flops, quick, n", [
+    (0.659e9, False, 512),   # bf16 on an AVX2 core: 2·512³ = 2.7e8 FLOP ≤ 0.66e9·1 s < 2·1024³
+    (4e10, False, 2048),     # fp32 speed: 2·2048³ = 1.7e10 ≤ 4e10
+    (0.659e9, True, 256),    # --quick: ¼ s → 1.6e8 < 2·512³
+    (1e3, False, 256),       # never below 256
+])
+def test_cpu_peak_gemm_size_follows_the_measured_rate(rate_flops, quick, n):
+    from microbench.campaign import auto_peak_size
+    assert auto_peak_size(rate_flops=rate_flops, quick=quick) == n
+
+
+def test_plan_passes_the_scale_and_peak_size_to_the_compute_probes():
+    a = args_for("--model", "tiny", "--scale", "0.5", "--peak-size", "512")
+    gemm = next(s for s in plan(a, 2, "cpu") if s.module == "microbench.gemm")
+    argv = list(gemm.argv)
+    assert argv[argv.index("--scale") + 1] == "0.5" and argv[argv.index("--peak-size") + 1] == "512"

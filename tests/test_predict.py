@@ -27,7 +27,17 @@ class GemmOnly(SystemProfile):
         return self.comm_s
     def p2p_time_s(self, coll, *, crosses_nodes): return self.comm_s
     def overlap(self, kind): return self.exposed if kind == "dp" else 1.0
-    def sources(self): return {"gemm": "specified"}
+    attention_fused = True
+    def layer_overhead_time_s(self): return 0.0
+    def sources(self): return {"peak": self.SRC, "memory": self.SRC}
+    SRC = "specified (test: GemmOnly)"
+    def gemm_source(self, gemm): return self.SRC
+    def attention_source(self, att): return self.SRC
+    def bytes_source(self, *, op="copy", nbytes=None): return self.SRC
+    def collective_source(self, coll, *, crosses_nodes, num_groups=1, ranks_per_node_in_group=None): return self.SRC
+    def p2p_source(self, *, crosses_nodes, coll=None): return self.SRC
+    def overlap_source(self, kind): return self.SRC
+    def layer_overhead_source(self): return self.SRC
 
 
 def test_one_stage_no_comm_is_microbatches_times_gemm_time():

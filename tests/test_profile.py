@@ -63,7 +63,7 @@ def _rows(cfg, scale=2.0):
         rows.append(dict(kind="gemm", op=g.name, phase=g.phase, m=g.m, n=g.n, k=g.k, batch=g.batch,
                          dtype=g.dtype, time_us=scale * spec.gemm_time_s(g) * 1e6, status="ok"))
     rows.append(dict(kind="gemm", op="qkv", phase="fwd", m=1, n=1, k=1, batch=1, dtype=cfg.model.dtype,
-                     time_us=1e9, status="failed"))  # a failed row must be ignored
+                     time_us=1e9, status="failed"))  # a failed row: refused unless left out on request
     for size in (1 << 20, 1 << 24, 1 << 28):
         rows.append(dict(kind="allreduce", axis="tp", group_size=2, crosses_nodes=False, size_bytes=size,
                          time_us=10 + size / 50e3, status="ok"))
@@ -75,11 +75,16 @@ def _rows(cfg, scale=2.0):
 
 def test_measured_overrides_spec_and_records_sources():
     cfg = with_layout(preset("llama2-7b"), tp=2, dp=4)
-    prof = MeasuredProfile.from_rows(_rows(cfg), fallback="dgx-a100-80gb")
+    with pytest.raises(ValueError, match=r"1 failed row\(s\).*--include-failed"):
+        MeasuredProfile.from_rows(_rows(cfg), fallback="dgx-a100-80gb")
+    prof = MeasuredProfile.from_rows(_rows(cfg), fallback="dgx-a100-80gb", include_failed=True)
+    assert prof.notes == ["left out 1 failed row(s) (0 with num_wrong > 0) (--include-failed)"]
+    assert (1, 1, 1, 1, cfg.model.dtype) not in prof.gemm_table
     src = prof.sources()
-    assert src["gemm"] == "measured" and src["collective.intra"] == "measured"
-    assert src["memop"] == "measured" and src["overlap"] == "measured"
-    assert src["collective.inter"] == "specified" and src["p2p.inter"] == "specified"
+    assert src["gemm"].startswith("measured") and src["collective.intra"] == "measured (allreduce n=2)"
+    assert src["memop"].startswith("measured") and src["overlap.dp"] == "measured"
+    assert src["collective.inter"].startswith("specified (analysis/systems/dgx-a100-80gb.yaml: ")
+    assert src["p2p.inter"].startswith("specified (analysis/systems/dgx-a100-80gb.yaml: network.inter")
     g = workload(cfg).gemms[0]
     spec = SpecProfile.from_yaml("dgx-a100-80gb")
     assert prof.gemm_time_s(g) == pytest.approx(2 * spec.gemm_time_s(g))
@@ -97,23 +102,24 @@ def test_profile_from_run_dir_uses_same_code_path(tmp_path, capsys):
     cfg = preset("tiny")
     run = tmp_path / "run1"
     with RunWriter(run, {"probe": "gemm"}) as w:
-        for r in _rows(cfg, scale=1.0).to_dict("records"):
+        for r in _rows(cfg, scale=1.0).query("status == 'ok'").to_dict("records"):
             w.write_row({k: v for k, v in r.items() if not (isinstance(v, float) and v != v)})
     prof = load_profile(system="dgx-a100-80gb", profile_dirs=[str(run)])
-    assert isinstance(prof, MeasuredProfile) and prof.sources()["gemm"] == "measured"
+    assert isinstance(prof, MeasuredProfile) and prof.sources()["gemm"].startswith("measured")
     pr = predict(cfg, prof)
-    assert pr.step_time_s > 0 and pr.sources["gemm"] == "measured"
+    assert pr.sources["gemm"] == "measured"  # every GEMM of the step at its exact shape
     from analysis.predict import main
     assert main(["--model", "tiny", "--system", "dgx-a100-80gb", "--profile", str(run), "--json"]) == 0
     assert '"gemm": "measured"' in capsys.readouterr().out
 
 
-def test_measured_without_fallback_needs_peaks():
+def test_measured_without_a_spec_is_refused_naming_what_is_missing():
     df = pd.DataFrame([dict(kind="allreduce", group_size=2, size_bytes=1e6, time_us=50.0, status="ok")])
-    with pytest.raises(ValueError, match="fallback"):
+    with pytest.raises(ValueError, match=r"measures collective\.intra but not peak, memory, gemm, .*"
+                                         r"collective\.inter, .*give --system NAME"):
         MeasuredProfile.from_rows(df)
     with pytest.raises(ValueError, match="no rows"):
-        MeasuredProfile.from_rows(df.assign(status="failed"), fallback="aurora")
+        MeasuredProfile.from_rows(df.assign(status="failed"), fallback="aurora", include_failed=True)
 
 
 def test_placement_looks_at_every_group():
@@ -147,7 +153,8 @@ def test_a_tp_overlap_figure_does_not_hide_blocking_allreduces():
     df = pd.DataFrame([{"kind": "overlap", "op": "overlap", "axis": "tp", "status": "ok",
                         "time_us": 1.0, "extra": {"exposed_fraction": 0.1}}])
     prof = MeasuredProfile.from_rows(df, fallback="aurora")
-    assert prof.overlap("tp") == 1.0
+    assert prof.overlap("tp") == 1.0 == prof.fallback.knob("overlap.tp")
+    assert prof.sources()["overlap.tp"] == "specified (analysis/systems/aurora.yaml: overlap.tp)"
 
 
 def test_rows_from_two_devices_are_refused():

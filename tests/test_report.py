@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _manifest(**over):
-    m = {"probe": "campaign", "model": "tiny", "world_size": 2, "hostname": "hostA", "device": "cpu",
+    m = {"probe": "campaign", "model": "tiny", "system": "aurora", "world_size": 2, "hostname": "hostA", "device": "cpu",
          "backend": "gloo", "versions": {"python": "3.11", "torch": "2.13.0+cpu"},
          "peak_tflops": {"fp32": 0.2}}
     m.update(over)
@@ -64,7 +64,7 @@ def write_run(d: Path, *, train: bool = True, **over) -> Path:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "analysis.report", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=240)  # a loaded 2-core host
 
 
 @pytest.fixture(scope="module")
