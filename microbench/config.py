@@ -57,6 +57,10 @@ class ModelConfig:
     """Compute (and activation communication) dtype."""
     tied_embeddings: bool = False
     """Share the input embedding with the LM head."""
+    dropout: bool = False
+    """GPT-3-style hidden and attention dropout (Megatron's default p = 0.1; Llama-style
+    models train without). Adds the attention-probability dropout, a memory-bound pass over
+    the b·a·s² scores, and one mask byte per element of each hidden dropout."""
 
     def __post_init__(self) -> None:
         _positive(self, "num_layers", "hidden", "num_heads", "ffn_hidden", "seq_len", "vocab_size")

@@ -128,7 +128,7 @@ def test_attention_matches_float64(dtype, path):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_layer_ops_and_adamw_match_float64(dtype):
     m = tiny().model
-    for s in memop_shapes(tiny()) + memop_shapes(with_layout(tiny(), gated_mlp=False, norm="layernorm")):
+    for s in memop_shapes(tiny()) + memop_shapes(with_layout(tiny(), gated_mlp=False, norm="layernorm", dropout=True)):
         f = {**s, "dtype": dtype, "norm": "layernorm" if s["op"] == "gelu" else m.norm,
              "head_dim": m.head_dim, "vocab_shard": m.vocab_size}
         work = memop_work(f, seed=3, device="cpu")
