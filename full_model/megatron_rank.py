@@ -21,6 +21,7 @@ framework's entry point runs, and each names its upstream cause
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import runpy
@@ -52,18 +53,28 @@ def _set_rank_env() -> None:
         os.environ.setdefault("LOCAL_SIZE", str(info.local_size))
 
 
-class _Unavailable:
-    """Anything taken from a stubbed torchvision: fails loudly the moment it is used."""
+class _UnavailableMeta(type):
+    def __getattr__(cls, attr: str) -> type:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _unavailable(f"{cls.__qualname__}.{attr}")
 
-    def __init__(self, name: str) -> None:
-        self._name = name
 
-    def __call__(self, *a: object, **k: object) -> object:
-        raise ImportError(f"{self._name}: torchvision is stubbed by full_model.megatron_rank "
+def _unavailable(name: str) -> type:
+    """Anything taken from a stubbed torchvision: a class (vit code subclasses VisionDataset)
+    that fails loudly the moment it is instantiated or called."""
+    def init(self, *a: object, **k: object) -> None:
+        raise ImportError(f"{name}: torchvision is stubbed by full_model.megatron_rank "
                           "(not installed; a GPT run does not use it)")
+    return _UnavailableMeta(name.rsplit(".", 1)[-1], (), {"__init__": init, "__qualname__": name})
 
-    def __getattr__(self, attr: str) -> "_Unavailable":
-        return _Unavailable(f"{self._name}.{attr}")
+
+def _module_getattr(module: str):
+    def getattr_(attr: str) -> type:
+        if attr.startswith("__"):  # introspection (inspect, pickle) must see a plain module
+            raise AttributeError(attr)
+        return _unavailable(f"{module}.{attr}")
+    return getattr_
 
 
 def _stub_torchvision() -> bool:
@@ -71,7 +82,8 @@ def _stub_torchvision() -> bool:
         return False
     for name in STUBBED:
         mod = types.ModuleType(name)
-        mod.__getattr__ = (lambda n: (lambda attr: _Unavailable(f"{n}.{attr}")))(name)  # type: ignore[attr-defined]
+        mod.__getattr__ = _module_getattr(name)  # type: ignore[attr-defined]
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
         mod.__path__ = []  # a package, so `import torchvision.transforms` resolves to the stub
         sys.modules[name] = mod
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]  # type: ignore[attr-defined]
@@ -101,8 +113,11 @@ def main(argv: list[str]) -> None:
         sys.exit("usage: python -m full_model.megatron_rank SOURCE_DIR SCRIPT [args...]")
     source, script, args = argv[0], argv[1], argv[2:]
     _set_rank_env()
-    applied = [name for name, fn in (("torchvision-stub", _stub_torchvision),
-                                     ("zero-step-no-grad", _zero_step_no_grad)) if fn()]
+    # deepspeed (→ transformers) first: transformers probes for torchvision at import and must
+    # see the truth (absent), not the stub
+    import deepspeed  # noqa: F401
+    applied = [name for name, fn in (("zero-step-no-grad", _zero_step_no_grad),
+                                     ("torchvision-stub", _stub_torchvision)) if fn()]
     if os.environ.get("RANK") == "0":
         print(f"full_model.megatron_rank: workarounds applied: {', '.join(applied) or 'none'}", flush=True)
     os.chdir(source)

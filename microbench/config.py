@@ -318,10 +318,10 @@ def with_layout(cfg: TrainConfig, **changes: object) -> TrainConfig:
     changes = {k: v for k, v in changes.items() if v is not None}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     model_changes = {k: changes.pop(k) for k in list(changes) if k in model_fields}
-    model = dataclasses.replace(cfg.model, **model_changes) if model_changes else cfg.model
     if "num_heads" in model_changes and "num_kv_heads" not in model_changes and \
             cfg.model.num_kv_heads == cfg.model.num_heads:
-        model = dataclasses.replace(model, num_kv_heads=model.num_heads)
+        model_changes["num_kv_heads"] = model_changes["num_heads"]  # no GQA stays no GQA
+    model = dataclasses.replace(cfg.model, **model_changes) if model_changes else cfg.model
     p = cfg.parallel
     if "global_batch" not in changes:
         dp = changes.get("dp", p.dp)
