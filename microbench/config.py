@@ -292,6 +292,16 @@ def tiny() -> TrainConfig:
         note="Seconds on a laptop CPU; fp32 because CPU bf16 GEMMs are slow and imprecise.")
 
 
+def mds_cpu() -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(name="mds-cpu", num_layers=4, hidden=512, num_heads=8, ffn_hidden=2048,
+                          gated_mlp=True, seq_len=512, vocab_size=2048, norm="rmsnorm",
+                          dtype="fp32"),
+        parallel=ParallelConfig(tp=1, pp=1, dp=1, micro_batch=1, global_batch=8),
+        note="Real Megatron-DeepSpeed cross-check on a CPU (issue 11): compute-bound, 2-4 s per step "
+             "on 2 cores; fp32 because AVX2-only CPUs run bf16 GEMMs ~40x slower.")
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "alcf-1t": alcf_1t,
     "alcf-1t-readme": alcf_1t_readme,
@@ -299,6 +309,7 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "gpt3-175b": gpt3_175b,
     "llama2-7b": llama2_7b,
     "tiny": tiny,
+    "mds-cpu": mds_cpu,
 }
 
 
