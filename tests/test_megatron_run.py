@@ -111,3 +111,22 @@ def test_real_framework_trains_without_skipping(tmp_path, layout):
     assert its == [1, 2, 3, 4]
     assert all(r["lm_loss"] is not None and math.isfinite(r["lm_loss"]) for r in it)
     assert all(not r["num_skipped_iterations"] for r in it)
+
+
+@needs_framework
+@pytest.mark.multirank
+@pytest.mark.timeout(1500)
+def test_crosscheck_megatron_prints_the_table_and_json(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "analysis.crosscheck", "megatron", "--model", "tiny", "--layouts", "tp2",
+                          "--runs", "1", "--iters", "3", "--warmup", "1", "--no-reference", "--out", str(tmp_path),
+                          "--json", "--timeout-s", "600"], env=env(), capture_output=True, text=True, timeout=1450,
+                         cwd=REPO)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert any(ln.startswith("tp2 ") for ln in lines) and "Megatron ms" in res.stdout
+    last = json.loads(lines[-1])
+    assert last["megatron_commit"].startswith("39784a0f")
+    row = last["layouts"][0]
+    assert row["layout"] == "tp2" and row["measured_min_s"] <= row["measured_s"] <= row["measured_max_s"]
+    assert math.isclose(sum(row["components"].values()), row["predicted_s"], rel_tol=1e-9)
+    assert "framework" in row["components"]
