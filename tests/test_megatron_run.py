@@ -71,6 +71,38 @@ def test_lines_printed_by_every_rank_count_once():
     assert _check(lines + lines[2:], 4).num_iterations == 4
 
 
+def test_framework_term_is_one_delimited_component_that_scales_with_layers_and_microbatches():
+    from analysis.predict import FrameworkTerms, predict
+    from analysis.profile import load_profile
+    from microbench.config import preset, with_layout
+    prof = load_profile(system="dgx-h100")
+    fw = FrameworkTerms(per_layer_microbatch_s=1e-3, source="test")
+    small = with_layout(preset("tiny"), tp=1, pp=2, dp=1, global_batch=8)
+    big = with_layout(small, global_batch=16)  # twice the micro-batches
+    base = predict(small, prof)
+    with_fw = predict(small, prof, framework=fw)
+    assert "framework" not in base.breakdown_s
+    assert math.isclose(with_fw.step_time_s - base.step_time_s, with_fw.breakdown_s["framework"])
+    assert math.isclose(predict(big, prof, framework=fw).breakdown_s["framework"],
+                        2 * with_fw.breakdown_s["framework"])
+
+
+def test_a_corrupted_or_missing_archive_is_refused(tmp_path):
+    from full_model.megatron_setup import ARCHIVES, SetupError, verify_archives
+    with pytest.raises(SetupError, match="no such archive"):
+        verify_archives(tmp_path)
+    for name in ARCHIVES:
+        (tmp_path / name).write_bytes(b"not the vendored archive")
+    with pytest.raises(SetupError, match="sha256 .* pinned"):
+        verify_archives(tmp_path)
+
+
+@pytest.mark.skipif(not VENDOR.is_dir(), reason="../shared/vendor absent")
+def test_the_vendored_archives_match_their_pins():
+    from full_model.megatron_setup import verify_archives
+    assert set(verify_archives(VENDOR)) == {"Megatron-DeepSpeed", "ezpz"}
+
+
 def test_bad_input_is_one_line_and_exit_2():
     res = subprocess.run([sys.executable, "-m", "full_model.megatron", "run", "--source", "/nonexistent",
                           "--model", "tiny"], env=env(), capture_output=True, text=True, timeout=120, cwd=REPO)
