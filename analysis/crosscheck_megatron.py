@@ -5,18 +5,19 @@
 
 Per layout: the probes at the run's exact shapes and rank count (as ``crosscheck local``),
 a measured profile from their rows, the *framework probe* (the same framework at the same
-layout, layer count and micro-batch count, with the model narrowed to hidden 64 / seq 64 so
-its kernels are negligible: what is left is the framework's own host time — Python layers
-and autograd between kernels, the pipeline engine's schedule, DeepSpeed's step — measured,
-never fitted), the prediction with and without that term, and ``--runs`` runs of
+layout, layer count and micro-batch count, with the model narrowed to hidden 64 / seq 64;
+its step time less the probes' price of the narrowed operations is the framework's own time —
+Python layers and autograd between kernels, the pipeline engine's schedule, DeepSpeed's
+step — measured, never fitted), the prediction with and without that term, and ``--runs`` runs of
 ``pretrain_gpt.py`` at full width. Measured step time = median over runs of each run's median
 after ``--warmup`` iterations; the spread is the runs' min/max.
 
 Why the narrowed run is the right probe of the framework: its layer count, micro-batch count,
 pipeline schedule, ZeRO stage and rank count are the full run's, so every per-layer,
 per-micro-batch and per-step framework cost is there once, as in the full run; only the
-kernels (which the other probes price) shrink. Its kernels are not zero: the term is an upper
-bound on the host overhead, by at most the narrowed model's own compute.
+kernels (which the other probes price) shrink, and what they still cost is taken away at
+the probes' price. Assumption, stated: the framework's host time does not grow with the
+width (true of Python and dispatch cost; not of copies, which scale with the bytes).
 """
 from __future__ import annotations
 

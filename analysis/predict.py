@@ -66,8 +66,8 @@ class Prediction:
 @dataclass(frozen=True)
 class FrameworkTerms:
     """The framework's own host time per step, *measured* by running that framework at the
-    step's layout, layer count and micro-batch count with the model narrowed until its kernels
-    are negligible (``analysis.crosscheck_megatron.framework_probe``): Python layers and autograd
+    step's layout, layer count and micro-batch count with the model narrowed, less the probes'
+    price of its operations (``analysis.crosscheck_megatron.framework_probe``): Python layers and autograd
     between kernels, the pipeline engine's schedule and its p2p bookkeeping, the DeepSpeed/ZeRO
     step's fixed cost, data loading. Priced per layer per micro-batch so it scales with the
     configuration it was measured at only through ``layers_per_stage × num_microbatches``."""
