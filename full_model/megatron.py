@@ -146,6 +146,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from full_model.megatron_setup import SetupError, resolve_source
     from full_model.train import config_from_args
     from microbench.runtime import UsageError as RtUsage
+    from microbench.runtime import detect_launcher
+    info = detect_launcher()
+    if info is not None and (info.world_size or 1) > 1:
+        raise UserError(f"run under {info.launcher} with {info.world_size} ranks: `run` starts its own ranks "
+                        "(--launcher mpiexec|spawn); start it as one process")
     ns = argparse.Namespace(**vars(args), steps=args.iters, warmup_steps=0, scale=None,
                             recompute="none", sequence_parallel=False)
     try:
