@@ -26,6 +26,9 @@ def load_benchmark_json(path: str | os.PathLike) -> pd.DataFrame:
     p = Path(path)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ResultsError(f"{p}: not a UTF-8 text file (undecodable byte at offset {e.start}); "
+                           "binary or corrupted") from None
     except (OSError, json.JSONDecodeError) as e:
         raise ResultsError(f"{p}: not readable JSON ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list) \

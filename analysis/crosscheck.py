@@ -4,6 +4,7 @@
     python -m analysis.crosscheck compare train.log --model alcf-1t --tp 12 --pp 64 --dp 1 \\
         --mbs 1 --gbs 512 --system aurora
     python -m analysis.crosscheck local --layouts tp2,pp2,dp2
+    python -m analysis.crosscheck megatron [--source DIR] --layouts tp2,pp2,dp2,tp2pp2 [--json]
 
 A measured run is a reference-step run directory (``python -m full_model.train``: the
 configuration is read from its manifest, the step time from its summary row) or a parsed
@@ -20,6 +21,7 @@ of its slowest stage (``timers_us_bottleneck``), which add up to about the step.
 ``local`` runs the whole loop on this machine for each layout: the probes at the reference
 step's exact shapes (same rank count, so the cores are as busy as in the step), a measured
 profile from their rows, the prediction, the reference step, and the comparison table.
+``megatron`` does the same against the real Megatron-DeepSpeed (:mod:`analysis.crosscheck_megatron`).
 """
 from __future__ import annotations
 
@@ -292,6 +294,43 @@ def available_probes() -> tuple[list[str], list[str]]:
     return have, [p for p in wanted if p not in have]
 
 
+def measure_probes(text: str, layout: list[str], *, tp: int, pp: int, dp: int, out: Path,
+                   done: dict[tuple, list[Path]], have: list[str], timeout: float) -> list[Path]:
+    """The probes at a run's exact shapes and rank count (so the cores are as busy as in the
+    step); ``done`` caches run directories across layouts that share shapes. ``layout`` is
+    the probes' --model/--tp/--pp/--dp flags."""
+    world = tp * pp * dp
+    dirs: list[Path] = []
+    for probe in (p for p in PROBES if p in have):
+        key = (probe, tp, world)  # compute shapes depend on tp; contention on the rank count
+        if key not in done:
+            d = out / "probes" / f"{probe}-tp{tp}-w{world}"
+            _run([sys.executable, "-m", f"microbench.{probe}", *layout, "--ranks", str(world), "--quiet", "--out", str(d)],
+                 timeout=timeout, log=d.with_suffix(".log"))
+            done[key] = [d]
+        dirs += done[key]
+    for coll in ("allreduce",) if "allreduce" in have else ():
+        key = (coll, world)  # a size sweep over the world: TP activations and DP buckets alike
+        if key not in done and world > 1:
+            d = out / "probes" / f"{coll}-w{world}"
+            # many iterations: the profile prices by the mean, and a small collective's
+            # latency on a shared host is heavy-tailed (the mean of 20 samples wanders)
+            _run([sys.executable, "-m", f"microbench.{coll}", "-b", "4K", "-e", "16M", "-f", "4", "-n", "100",
+                  "-w", "10", "--ranks", str(world), "--quiet", "--out", str(d)],
+                 timeout=timeout, log=d.with_suffix(".log"))
+            done[key] = [d]
+        dirs += done.get(key, [])
+    if pp > 1 and "sendrecv" in have:  # the pipeline activation/gradient at the step's shape
+        key = ("sendrecv", tp, pp, dp)
+        if key not in done:
+            d = out / "probes" / f"sendrecv-{text}"
+            _run([sys.executable, "-m", "microbench.sendrecv", *layout, "--ranks", str(world), "--quiet", "--out", str(d)],
+                 timeout=timeout, log=d.with_suffix(".log"))
+            done[key] = [d]
+        dirs += done[key]
+    return dirs
+
+
 def run_local(layouts: Sequence[str], *, model: str, steps: int, warmup: int, out: Path,
               system: str | None, timeout: float = 300) -> tuple[list[Comparison], list[str]]:
     from .load import load
@@ -314,34 +353,8 @@ def run_local(layouts: Sequence[str], *, model: str, steps: int, warmup: int, ou
         with_layout(base, tp=tp, pp=pp, dp=dp, global_batch=gbs)  # refuse a bad layout before any run
         layout = ["--model", model, "--tp", str(tp), "--pp", str(pp), "--dp", str(dp)]
         print(f"# {text}: probes and reference step on {world} rank(s)", file=sys.stderr, flush=True)
-        dirs: list[Path] = []
-        for probe in (p for p in PROBES if p in have):
-            key = (probe, tp, world)  # compute shapes depend on tp; contention on the rank count
-            if key not in done:
-                d = out / "probes" / f"{probe}-tp{tp}-w{world}"
-                _run([py, "-m", f"microbench.{probe}", *layout, "--ranks", str(world), "--quiet", "--out", str(d)],
-                     timeout=timeout, log=d.with_suffix(".log"))
-                done[key] = [d]
-            dirs += done[key]
-        for coll in ("allreduce",) if "allreduce" in have else ():
-            key = (coll, world)  # a size sweep over the world: TP activations and DP buckets alike
-            if key not in done and world > 1:
-                d = out / "probes" / f"{coll}-w{world}"
-                # many iterations: the profile prices by the mean, and a small collective's
-                # latency on a shared host is heavy-tailed (the mean of 20 samples wanders)
-                _run([py, "-m", f"microbench.{coll}", "-b", "4K", "-e", "16M", "-f", "4", "-n", "100",
-                      "-w", "10", "--ranks", str(world), "--quiet", "--out", str(d)],
-                     timeout=timeout, log=d.with_suffix(".log"))
-                done[key] = [d]
-            dirs += done.get(key, [])
-        if pp > 1 and "sendrecv" in have:  # the pipeline activation/gradient at the step's shape
-            key = ("sendrecv", tp, pp, dp)
-            if key not in done:
-                d = out / "probes" / f"sendrecv-{text}"
-                _run([py, "-m", "microbench.sendrecv", *layout, "--ranks", str(world), "--quiet", "--out", str(d)],
-                     timeout=timeout, log=d.with_suffix(".log"))
-                done[key] = [d]
-            dirs += done[key]
+        dirs = measure_probes(text, layout, tp=tp, pp=pp, dp=dp, out=out, done=done, have=have,
+                              timeout=timeout)
         run_dir = out / f"train-{text}"
         _run([py, "-m", "full_model.train", *layout, "--gbs", str(gbs), "--steps", str(steps),
               "--warmup-steps", str(warmup), "--ranks", str(world), "--quiet", "--out", str(run_dir)],
@@ -375,8 +388,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     loc.add_argument("--system", default=None, help="fallback spec for what no probe measured")
     loc.add_argument("--out", default=None, help="where probe and training runs go (default results/crosscheck-<time>)")
     loc.add_argument("--json", action="store_true", help="also print one JSON line per layout")
+    from .crosscheck_megatron import add_args as add_megatron_args, main_megatron
+    add_megatron_args(sub)
     a = ap.parse_args(argv)
     try:
+        if a.cmd == "megatron":
+            return main_megatron(a)
         if a.cmd == "local":
             out = Path(a.out or f"results/crosscheck-{time.strftime('%Y%m%d-%H%M%S')}")
             if a.steps <= a.warmup_steps:

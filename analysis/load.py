@@ -3,11 +3,19 @@
 ``load("results/")`` reads every run directory below a folder; ``load([a, b])`` several.
 Manifest fields that identify a run (host, device, backend, world size, torch version) are
 joined onto every row as ``run_*`` columns, so rows from many runs stay distinguishable.
+
+What is good is kept, and what is not is said: a torn last line (disk full, a kill
+mid-write) is left out and named in ``df.attrs["problems"]`` and a warning; the same run
+named twice (same ``run_id``) is loaded once; a run whose manifest was never closed (every
+rank died) is ``incomplete`` and refused unless ``allow_incomplete=True`` (or the environment
+variable ``MICROBENCH_ALLOW_INCOMPLETE=1``, which reaches the tools built on ``load``).
+Each row carries its run's ``run_status`` (ok, failed, interrupted, incomplete).
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -16,7 +24,8 @@ import pandas as pd
 from microbench.results import ResultsError, iter_run_dirs, read_run
 
 MANIFEST_COLUMNS = ("hostname", "device", "device_name", "backend", "launcher", "world_size", "model",
-                    "start_time")
+                    "start_time", "status")
+ALLOW_INCOMPLETE_ENV = "MICROBENCH_ALLOW_INCOMPLETE"
 
 
 def _as_list(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -25,8 +34,27 @@ def _as_list(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Pat
     return [Path(p) for p in paths]
 
 
-def load_run(run_dir: str | os.PathLike) -> pd.DataFrame:
-    manifest, rows = read_run(run_dir)
+def _allow_incomplete(flag: bool | None) -> bool:
+    return flag if flag is not None else os.environ.get(ALLOW_INCOMPLETE_ENV, "") not in ("", "0")
+
+
+def load_run(run_dir: str | os.PathLike, *, allow_incomplete: bool | None = None,
+             problems: list[str] | None = None) -> pd.DataFrame:
+    problems = [] if problems is None else problems
+    manifest, rows = read_run(run_dir, problems=problems)
+    _check_complete(run_dir, manifest, _allow_incomplete(allow_incomplete))
+    return _frame(run_dir, manifest, rows)
+
+
+def _check_complete(run_dir, manifest: dict, allow: bool) -> None:
+    if manifest["status"] == "incomplete" and not allow:
+        raise ResultsError(f"{run_dir}: incomplete run (its manifest was never closed: every rank "
+                           f"died or was killed); load(..., allow_incomplete=True) or "
+                           f"{ALLOW_INCOMPLETE_ENV}=1 to use its {manifest.get('num_rows', 'unknown')} "
+                           "row(s) anyway")
+
+
+def _frame(run_dir, manifest: dict, rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for key in MANIFEST_COLUMNS:
         value = manifest.get(key)
@@ -47,12 +75,18 @@ def load_run(run_dir: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
-def load(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
+def load(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
+         allow_incomplete: bool | None = None) -> pd.DataFrame:
     """One DataFrame from run directories, parents of run directories, and benchmark JSON.
 
     Raises :class:`microbench.results.ResultsError` naming the file and line of any
-    malformed input; an unknown schema version is refused, not guessed at.
+    malformed input; an unknown schema version is refused, not guessed at; an incomplete
+    run is refused unless allowed (see the module's docstring). What was left out (a torn
+    last line, a run named twice) is in ``df.attrs["problems"]`` and warned about.
     """
+    allow = _allow_incomplete(allow_incomplete)
+    problems: list[str] = []
+    seen: dict[str, Path] = {}
     frames: list[pd.DataFrame] = []
     dirs: list[Path] = []
     for p in _as_list(paths):
@@ -62,7 +96,18 @@ def load(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame
         else:
             dirs.append(p)
     for d in iter_run_dirs(dirs) if dirs else []:
-        frames.append(load_run(d))
+        manifest, rows = read_run(d, problems=problems)
+        run_id = manifest.get("run_id")
+        if run_id in seen or (run_id is None and d.resolve() in seen.values()):
+            problems.append(f"{d}: the same run as {seen.get(run_id, d)} (run_id {run_id}): loaded once")
+            continue
+        seen[run_id or str(d.resolve())] = d.resolve()
+        _check_complete(d, manifest, allow)
+        frames.append(_frame(d, manifest, rows))
     if not frames:
         raise ResultsError(f"no results found in {', '.join(map(str, _as_list(paths)))}")
-    return pd.concat(frames, ignore_index=True, sort=False)
+    df = pd.concat(frames, ignore_index=True, sort=False)
+    for msg in problems:
+        warnings.warn(msg, stacklevel=2)
+    df.attrs["problems"] = problems
+    return df

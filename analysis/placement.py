@@ -3,6 +3,7 @@ share a node. Megatron's order (tp fastest, then dp, then pp) and the system's r
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from microbench.config import TrainConfig
@@ -19,6 +20,7 @@ class Placement:
     """Groups of this axis running at once (all of them, in a training step)."""
 
 
+@functools.lru_cache(maxsize=65536)  # pure in its (frozen, hashable) arguments; calibration asks it 10⁵ times
 def group_placement(cfg: TrainConfig, axis: str, *, ranks_per_node: int) -> Placement:
     """Where the groups of ``axis`` live, Megatron order: rank = t + tp·(d + dp·p).
 

@@ -99,6 +99,26 @@ class _Pricer:
                                times * self.p.p2p_time_s(c, crosses_nodes=pl.crosses_nodes))
 
 
+# --- framework terms (issue 11): what a training framework adds beyond the probed operations ---
+@dataclass(frozen=True)
+class FrameworkTerms:
+    """The framework's own host time per step, *measured* by running that framework at the
+    step's layout, layer count and micro-batch count with the model narrowed, less the probes'
+    price of its operations (``analysis.crosscheck_megatron.framework_probe``): Python layers and autograd
+    between kernels, the pipeline engine's schedule and its p2p bookkeeping, the DeepSpeed/ZeRO
+    step's fixed cost, data loading. Priced per layer per micro-batch so it scales with the
+    configuration it was measured at only through ``layers_per_stage × num_microbatches``."""
+
+    per_layer_microbatch_s: float
+    """Host seconds per layer per micro-batch (fwd + bwd) on the bottleneck stage."""
+    source: str
+    """Provenance: which run measured it, at which shape."""
+
+    def step_s(self, cfg: TrainConfig) -> float:
+        return self.per_layer_microbatch_s * cfg.layers_per_stage * cfg.parallel.num_microbatches
+# --- end framework terms ---
+
+
 def _layer(w: _wl.Workload, pr: _Pricer, cfg: TrainConfig) -> dict[str, float]:
     """Seconds per layer per micro-batch, by phase and component (one rank)."""
     profile = pr.p
@@ -162,8 +182,11 @@ def seed_model(cfg: TrainConfig, profile: SystemProfile, *, w: _wl.Workload | No
 
 
 def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True,
-            p2p_scatter_gather: bool = False) -> Prediction:
-    """Predicted step time of ``cfg`` on ``profile`` (see module docstring for the model)."""
+            p2p_scatter_gather: bool = False, framework: FrameworkTerms | None = None) -> Prediction:
+    """Predicted step time of ``cfg`` on ``profile`` (see module docstring for the model).
+
+    ``framework``: measured costs of the training framework itself (see FrameworkTerms),
+    added as the ``framework`` component; none by default."""
     p = cfg.parallel
     w = _wl.workload(cfg, p2p_scatter_gather=p2p_scatter_gather)
     Ls = cfg.layers_per_stage
@@ -255,6 +278,8 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
         hideable = max(hideable - window, profile.overlap("dp") * hideable)
     br["dp_sync"] += hideable
     br["optimizer"] = pr.nbytes(w.optimizer_bytes, "adamw", "optimizer")
+    if framework is not None:  # --- framework terms (issue 11) ---
+        br["framework"] = ledger.add("framework", framework.source, framework.step_s(cfg))
     step = sum(br.values())
     shares = ledger.shares(br)
 

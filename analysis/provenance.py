@@ -13,6 +13,8 @@ seconds of a prediction by word.
 """
 from __future__ import annotations
 
+import functools
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,11 +24,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 def display_path(path: str | Path) -> str:
     """A spec file as the user would name it: relative to the repository when inside it."""
+    if os.path.isabs(path):  # the same answer every time: cached (a prediction asks ~70×)
+        return _display_absolute(str(path))
     p = Path(path).resolve()
     try:
         return str(p.relative_to(REPO))
     except ValueError:
         return str(path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _display_absolute(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return path
 
 
 def measured(detail: str | None = None) -> str:

@@ -295,6 +295,12 @@ class SpecProfile(SystemProfile):
     # provenance ------------------------------------------------------------------------
     def spec_source(self, *keys: str) -> str:
         """``specified (file: keys)``; device keys (``device:FIELD``) name devices.yaml."""
+        cache = self.__dict__.setdefault("_source_cache", {})  # a prediction asks ~70×, calibration 10⁵×
+        if keys not in cache:
+            cache[keys] = self._spec_source(*keys)
+        return cache[keys]
+
+    def _spec_source(self, *keys: str) -> str:
         own = [k for k in keys if not k.startswith("device:")]
         dev = [f"{self.device_key}.{k.split(':', 1)[1]}" for k in keys if k.startswith("device:")]
         parts = []

@@ -69,6 +69,14 @@ class JobOptions:
     """Extra Megatron arguments appended verbatim."""
     env: dict[str, str] = field(default_factory=dict)
     """Environment overrides/additions on top of :data:`AURORA_ENV`."""
+    tokenizer_args: tuple[str, ...] | None = None
+    """Tokenizer flags replacing the model's default (a local run uses NullTokenizer)."""
+    data_path: str = '"$DATA_PATH"'
+    """Value of the data flag (a shell variable in the job script, a path in a local run)."""
+    ds_config: str = '"$DS_CONFIG"'
+    """Value of ``--deepspeed_config``."""
+    timing_log_level: int = 1
+    """``--timing-log-level``: 1 prints the (min, max) block; 2 adds forward-backward/optimizer."""
 
 
 def layout_for(model: str, *, nodes: int, ranks_per_node: int = 12, tp: int | None = None,
@@ -119,8 +127,12 @@ def cpu_bind_list(ranks_per_node: int) -> str:
     return "list:" + ":".join(blocks)
 
 
-def deepspeed_config(cfg: TrainConfig, *, comms_logger: bool = False) -> dict:
-    """DeepSpeed JSON: batch sizes from the layout, ZeRO stage, dtype, timers on."""
+def deepspeed_config(cfg: TrainConfig, *, comms_logger: bool = False,
+                     wall_clock_breakdown: bool = True) -> dict:
+    """DeepSpeed JSON: batch sizes from the layout, ZeRO stage, dtype, timers on.
+
+    ``wall_clock_breakdown=False`` for DeepSpeed 0.18 with PP > 1, where it crashes the
+    pipeline engine (../shared/vendor/README.md)."""
     p, m = cfg.parallel, cfg.model
     ds: dict = {
         "train_batch_size": p.global_batch,
@@ -132,7 +144,7 @@ def deepspeed_config(cfg: TrainConfig, *, comms_logger: bool = False) -> dict:
         "bf16": {"enabled": m.dtype == "bf16"},
         "fp16": {"enabled": m.dtype == "fp16"},
         "data_types": {"grad_accum_dtype": p.grad_dtype},
-        "wall_clock_breakdown": True,  # prints "time (ms) | fwd_microstep: …" lines we parse
+        "wall_clock_breakdown": wall_clock_breakdown,  # prints "time (ms) | fwd_microstep: …" lines we parse
     }
     if comms_logger:
         ds["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True,
@@ -161,6 +173,10 @@ def megatron_args(cfg: TrainConfig, *, opts: JobOptions) -> list[str]:
         a += ["--normalization", "rmsnorm", "--use-rotary-position-embeddings", "--no-position-embedding",
               "--disable-bias-linear", "--tokenizer-type", "Llama2Tokenizer",
               "--tokenizer-model", '"$TOKENIZER_MODEL"']
+        if opts.tokenizer_args is not None:
+            a = a[:-4] + list(opts.tokenizer_args)
+    elif opts.tokenizer_args is not None:
+        a += list(opts.tokenizer_args)
     else:
         a += ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", '"$VOCAB_FILE"',
               "--merge-file", '"$MERGE_FILE"']
@@ -179,19 +195,19 @@ def megatron_args(cfg: TrainConfig, *, opts: JobOptions) -> list[str]:
         a += ["--recompute-granularity", "selective"]
     if p.grad_dtype == "fp32":
         a += ["--accumulate-allreduce-grads-in-fp32"]
-    a += ["--deepspeed", "--deepspeed_config", '"$DS_CONFIG"', f"--zero-stage={p.zero_stage}",
+    a += ["--deepspeed", "--deepspeed_config", opts.ds_config, f"--zero-stage={p.zero_stage}",
           "--distributed-backend", opts.backend,
           "--train-iters", opts.train_iters, "--log-interval", 1,
           "--eval-iters", 0, "--eval-interval", opts.train_iters + 1,
-          "--timing-log-level", 1,  # prints the "(min, max) time across ranks" block
+          "--timing-log-level", opts.timing_log_level,  # prints the "(min, max) time across ranks" block
           "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "cosine",
           "--weight-decay", "0.1", "--clip-grad", "1.0",
           "--adam-beta1", "0.9", "--adam-beta2", "0.95",
           "--attention-dropout", "0", "--hidden-dropout", "0", "--split", "100,0,0"]
     data_flag = "--data-file-list" if "alcf" in opts.train_script else "--data-path"
-    a += [data_flag, '"$DATA_PATH"']
-    if opts.backend == "ccl":
-        # CUDA-only fused kernels do not exist on XPU.
+    a += [data_flag, opts.data_path]
+    if opts.backend in ("ccl", "gloo"):
+        # CUDA-only fused kernels do not exist on XPU or CPU.
         a += ["--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
               "--no-bias-dropout-fusion", "--no-gradient-accumulation-fusion"]
     return [str(x) for x in a] + list(opts.extra_args)

@@ -156,11 +156,52 @@ def strip_prefix(line: str) -> tuple[str | None, str]:
 
 
 def _iso_timestamp(text: str) -> str | None:
+    """The ISO form of the first timestamp in ``text``; None for none, or an impossible date
+    (month 13, 25:00) — :func:`_check_iteration` names such a line."""
     m = _TIMESTAMP.search(text)
     if not m:
         return None
     iso = f"{m.group(1)}T{m.group(2)}"
+    try:
+        _dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return None
     return f"{iso}.{m.group(3)}" if m.group(3) else iso
+
+
+_MAX_INT = 2 ** 53  # larger counts are not exact in a float column and are not real counts
+
+
+def _check_iteration(row: dict, raw: str, lineno: int, warnings: list[tuple[int, str]]) -> bool:
+    """Refuse what cannot be a measurement, naming the line: an elapsed time that is NaN,
+    infinite, zero or negative, or an iteration number too large to be one (False: the
+    line goes to ``unreadable``). Clear what is impossible but optional — a NaN or infinite
+    loss, a count too large, a date that does not exist — with a warning."""
+    elapsed = row.get("elapsed_ms")
+    if elapsed is None or not math.isfinite(elapsed) or elapsed <= 0:
+        warnings.append((lineno, f"elapsed time {elapsed} ms is not a time (NaN, infinite, zero "
+                                 "or negative): record refused"))
+        return False
+    for col in ("iteration", "train_iters"):
+        v = row.get(col)
+        if v is not None and not 0 <= v < _MAX_INT:
+            warnings.append((lineno, f"{col} {v}: not a plausible count: record refused"))
+            return False
+    for col in _INT_COLUMNS:
+        v = row.get(col)
+        if col not in ("iteration", "train_iters", "lineno") and v is not None and \
+                not (math.isfinite(v) and abs(v) < _MAX_INT):
+            warnings.append((lineno, f"{col} {v}: not a plausible count: left empty"))
+            row[col] = None
+    for col, v in list(row.items()):
+        if isinstance(v, float) and not math.isfinite(v):
+            what = "a NaN loss (a diverged step)" if col == "lm_loss" else "not a finite number"
+            warnings.append((lineno, f"{col} {v}: {what}: left empty"))
+            row[col] = None
+    m = _TIMESTAMP.search(raw)
+    if m and row.get("timestamp") is None:
+        warnings.append((lineno, f"timestamp {m.group(0)!r} is not a real date/time: ignored"))
+    return True
 
 
 def _bare_tflops_formula(fmt: str, timestamp: str | None) -> str:
@@ -298,6 +339,9 @@ def parse_log(path_or_lines: str | os.PathLike | Iterable[str]) -> ParseResult:
             if row is None:
                 unreadable.append((lineno, raw))
                 continue
+        if row is not None and not _check_iteration(row, raw, lineno, warnings):
+            unreadable.append((lineno, raw))
+            continue
         if row is not None:
             iters.append(row)
             last_iter = row["iteration"]

@@ -3,6 +3,8 @@
     python -m full_model.megatron parse LOG [--csv FILE | --json] [--strict]
     python -m full_model.megatron script --model alcf-1t --nodes 64 [-o FILE] [--with-probes]
                                          [--tp N --pp N --dp N --mbs N --gbs N] …
+    python -m full_model.megatron install [--vendor ../shared/vendor]
+    python -m full_model.megatron run [--source DIR] --model tiny --tp 2 [--iters 10] [--out DIR]
 
 Why one entry point: the measured side of the cross-check is "run this script, parse that
 log"; both halves must agree on the configuration, so they live together. The work is in
@@ -14,12 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
 from full_model.jobscript import (AURORA_ENV, JobOptions, cpu_bind_list, deepspeed_config,
                                   layout_for, megatron_args, render_job_script)
+from full_model.megatron_setup import EZPZ_COMMIT, MEGATRON_COMMIT, default_vendor_dir
 from full_model.logparse import (ITERATION_COLUMNS, ParseResult, format_iteration_line,
                                  parse_log, strip_prefix)
 from microbench.cli import ArgumentParser
@@ -126,6 +131,51 @@ def _cmd_script(args: argparse.Namespace) -> int:
 
 
 
+def _cmd_install(args: argparse.Namespace) -> int:
+    from full_model.megatron_setup import SetupError, install
+    try:
+        root = install(Path(args.vendor) if args.vendor else default_vendor_dir())
+    except SetupError as exc:
+        raise UserError(str(exc)) from None
+    print(f"Megatron-DeepSpeed {MEGATRON_COMMIT[:8]} ready at {root}; ezpz {EZPZ_COMMIT[:7]} installed")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from full_model.megatron_run import RunOptions, run
+    from full_model.megatron_setup import SetupError, resolve_source
+    from full_model.train import config_from_args
+    from microbench.runtime import UsageError as RtUsage
+    from microbench.runtime import detect_launcher
+    info = detect_launcher()
+    if info is not None and (info.world_size or 1) > 1:
+        raise UserError(f"run under {info.launcher} with {info.world_size} ranks: `run` starts its own ranks "
+                        "(--launcher mpiexec|spawn); start it as one process")
+    ns = argparse.Namespace(**vars(args), steps=args.iters, warmup_steps=0, scale=None,
+                            recompute="none", sequence_parallel=False)
+    try:
+        cfg = config_from_args(ns, world_size=None)
+        source = resolve_source(args.source)
+    except (RtUsage, SetupError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    out = Path(args.out or f"results/megatron-{time.strftime('%Y%m%d-%H%M%S')}")
+    opts = RunOptions(source=source, out=out, train_iters=args.iters, launcher=args.launcher,
+                      device=args.device, timeout_s=args.timeout_s)
+    try:
+        check = run(cfg, opts)
+    except SetupError as exc:
+        raise UserError(str(exc)) from None
+    p = cfg.parallel
+    print(f"{out}: {check.status}, {check.num_iterations}/{args.iters} iterations, tp {p.tp} pp {p.pp} "
+          f"dp {p.dp}" + (f"; {'; '.join(check.reasons)}" if check.reasons else ""))
+    if check.status == "ok":
+        it = pd.read_csv(out / "iterations.csv")
+        steady = it[it["iteration"] > 1]["elapsed_ms"] if len(it) > 1 else it["elapsed_ms"]
+        print(json.dumps({"run": str(out), "status": check.status, "median_elapsed_ms": float(steady.median()),
+                          "final_lm_loss": float(it["lm_loss"].iloc[-1])}))
+    return 0 if check.status == "ok" else 1
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -175,6 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--extra-arg", action="append", default=[], metavar="ARG",
                    help="append one argument to the Megatron command line (repeatable)")
     s.set_defaults(func=_cmd_script)
+
+    i = sub.add_parser("install", help="verify and unpack the vendored Megatron-DeepSpeed, install ezpz")
+    i.add_argument("--vendor", help="directory with the archives (default ../shared/vendor)")
+    i.set_defaults(func=_cmd_install)
+
+    r = sub.add_parser("run", help="run the real pretrain_gpt.py for a model and layout")
+    r.add_argument("--source", help="Megatron-DeepSpeed checkout (default $MEGATRON_DEEPSPEED, else the "
+                                    "vendored archive unpacked in the cache)")
+    r.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="model preset")
+    for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "seq", "vocab"):
+        r.add_argument(f"--{flag}", type=_positive_int, help="override the preset's value")
+    r.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="override the preset's dtype")
+    for flag in ("tp", "pp", "dp", "mbs", "gbs"):
+        r.add_argument(f"--{flag}", type=_positive_int)
+    r.add_argument("--zero", type=int, choices=(0, 1), default=0, help="ZeRO stage")
+    r.add_argument("--iters", type=_positive_int, default=10, help="training iterations")
+    r.add_argument("--launcher", choices=("auto", "mpiexec", "spawn"), default="auto",
+                   help="mpiexec (ezpz reads its rank from MPI) or spawn local ranks (default: mpiexec if found)")
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    r.add_argument("--timeout-s", type=float, default=1800.0, help="the whole run's limit")
+    r.add_argument("--out", help="run directory (default results/megatron-<time>)")
+    r.set_defaults(func=_cmd_run)
     return ap
 
 

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 import statistics
 import sys
 import time
@@ -31,8 +32,10 @@ from microbench.config import PRESETS, ModelConfig, TrainConfig, preset, with_la
 from microbench.workload import megatron_lm_flop
 from microbench.harness import (Context, Probe, Timer, abort_rank, build_manifest, stability_warning, summarize,
                                 torch_dtype)
-from microbench.runtime import (BACKENDS, DEVICES, Grid, UsageError, detect_launcher, init_world,
-                                spawn_local_world)
+from microbench.lifecycle import RUN, install_signal_handlers, usage_exit
+from microbench.options import MAX_TIMEOUT_S, check_out
+from microbench.runtime import (BACKENDS, DEVICES, EMBEDDED_ENV, Grid, UsageError, detect_launcher,
+                                init_world, launched_rank, spawn_local_world)
 
 PROBE = "full_model.train"
 PHASES = ("forward", "backward", "p2p_wait", "dp_sync", "optimizer")
@@ -186,6 +189,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .logparse import format_iteration_line
 
     world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
+    RUN.rank, RUN.world_size, RUN.store = world.rank, world.world_size, world.store
     cfg = config_from_args(args, world_size=world.world_size)
     m, p = cfg.model, cfg.parallel
     grid = Grid(tp=p.tp, pp=p.pp, dp=p.dp)
@@ -215,6 +219,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ctx = Context(args=args, world=world, cfg=cfg, grid=grid)
         writer = results.RunWriter(args.out or results.default_out_dir(PROBE),
                                    build_manifest(_TrainManifest(extra), ctx, argv))
+        RUN.writer = writer
         if not args.quiet:
             print(f"# {PROBE}: {m.name} L{m.num_layers} d{m.hidden} s{m.seq_len} {m.dtype}; tp {p.tp} pp {p.pp} "
                   f"dp {p.dp} mbs {p.micro_batch} gbs {p.global_batch} ({p.num_microbatches} micro-batches), "
@@ -357,23 +362,52 @@ def summary_row(cfg: TrainConfig, world, step_times: list[float], timer_rows: li
     return row
 
 
+MIN_BUCKET_MB = 0.001  # 1 KB: below it a bucket holds a handful of elements, one collective each
+
+
+def validate_numbers(args: argparse.Namespace) -> None:
+    """Finite, positive numbers before any rank starts (``--lr nan`` would train on NaN)."""
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr {args.lr}: must be a finite number > 0")
+    if not (math.isfinite(args.bucket_mb) and args.bucket_mb >= MIN_BUCKET_MB):
+        raise UsageError(f"--bucket-mb {args.bucket_mb}: must be a finite size ≥ {MIN_BUCKET_MB} MB")
+    if args.scale is not None and not (math.isfinite(args.scale) and args.scale > 0):
+        raise UsageError(f"--scale {args.scale}: must be a finite number > 0")
+    if args.ranks is not None and args.ranks < 1:
+        raise UsageError(f"--ranks {args.ranks}: must be ≥ 1")
+    if not 0 < args.timeout_s <= MAX_TIMEOUT_S:
+        raise UsageError(f"--timeout-s {args.timeout_s}: must be > 0 and ≤ {MAX_TIMEOUT_S:g} "
+                         "(a finite number of seconds)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    RUN.module, RUN.rank = PROBE, launched_rank()
+    RUN.announce = RUN.rank == 0 and not os.environ.get(EMBEDDED_ENV)
+    install_signal_handlers()
     args = build_parser().parse_args(argv)
     try:
+        validate_numbers(args)
         cfg = config_from_args(args, world_size=None)
-        if args.ranks is not None and args.ranks < 1:
-            raise UsageError(f"--ranks {args.ranks}: must be ≥ 1")
-        if not args.timeout_s > 0:
-            raise UsageError(f"--timeout-s {args.timeout_s}: must be > 0")
+        info = detect_launcher()
         ranks = args.ranks or cfg.parallel.world_size
-        if detect_launcher() is None and ranks > 1:
-            # No launcher: become the parent of an embedded local world.
-            return spawn_local_world(PROBE, argv, nprocs=ranks, timeout_s=args.timeout_s)
+        world_size = (ranks if ranks > 1 else 1) if info is None else info.world_size
+        if world_size is not None:
+            config_from_args(args, world_size=world_size)  # the layout against the world
+        if args.out is not None:
+            check_out(args.out)
+        elif info is None and ranks > 1:  # the parent names the run directory, so it can close it
+            args.out = str(results.default_out_dir(PROBE))
+            argv = [*argv, "--out", args.out]
+    except UsageError as e:
+        return usage_exit(str(e))
+    if info is None and ranks > 1:
+        # No launcher: become the parent of an embedded local world.
+        return spawn_local_world(PROBE, argv, nprocs=ranks, timeout_s=args.timeout_s, run_dir=args.out)
+    try:
         return train(args, argv)
     except UsageError as e:
-        print(f"error: {PROBE}: {e}", file=sys.stderr)
-        return 2
+        return usage_exit(str(e), after_init=True)
 
 
 if __name__ == "__main__":

@@ -47,9 +47,9 @@ class AllGather(ShardedCollectiveProbe):
         import torch
         n, count, dt = len(case.group_ranks), case.fields["count"], case.fields["dtype"]
         chunk = count // n
-        expected = torch.cat([pattern(chunk, rank=r, seed=state["seed"], dtype="fp64", device=ctx.device)
+        expected = torch.cat([pattern(chunk, rank=r, seed=state["seed"], dtype=dt, device=ctx.device)
                               for r in range(n)])
-        return count_wrong(state["recv"], expected, dtype=dt, terms=1), count
+        return count_wrong(state["recv"], expected), count
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ class AllReduce(CollectiveProbe):
     def make_buffers(self, ctx: Context, case: Case, *, seed: int, inplace: bool) -> Any:
         n = case.fields["count"]
         send = pattern(n, rank=self.group_index(case, ctx.rank), seed=seed, dtype=case.fields["dtype"],
-                       device=ctx.device)
+                       device=ctx.device, summands=len(case.group_ranks))
         recv = send if inplace else send.clone()
         return {"send": send, "recv": recv, "seed": seed, "group": self.group(ctx, case)}
 
@@ -40,10 +40,12 @@ class AllReduce(CollectiveProbe):
     def check(self, ctx: Context, case: Case, state: Any) -> tuple[int, int]:
         import torch
         n, dt = case.fields["count"], case.fields["dtype"]
+        size = len(case.group_ranks)
         expected = torch.zeros(n, dtype=torch.float64, device=ctx.device)
-        for r in range(len(case.group_ranks)):
-            expected += pattern(n, rank=r, seed=state["seed"], dtype="fp64", device=ctx.device)
-        return count_wrong(state["recv"], expected, dtype=dt, terms=len(case.group_ranks)), n
+        for r in range(size):  # exact: see pattern()
+            expected += pattern(n, rank=r, seed=state["seed"], dtype=dt, device=ctx.device,
+                                summands=size).double()
+        return count_wrong(state["recv"], expected), n
 
 
 if __name__ == "__main__":

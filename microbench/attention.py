@@ -100,7 +100,7 @@ def attention_work(f: dict[str, Any], *, seed: int, device) -> Work:
         pairs = [(dq, refs[0])] + ([(dk, refs[1]), (dv, refs[2])] if rep == 1 else [])
         wrong = sum(count_not_close(g, r, dtype=dt, terms=s) for g, r in pairs)
         return wrong, sum(g.numel() for g, _ in pairs)
-    return Work(run, check)
+    return Work(run, check, result=lambda: [result["out"]] if "out" in result else list(result["grads"]))
 
 
 class AttentionCore(ComputeProbe):

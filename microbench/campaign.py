@@ -29,7 +29,10 @@ from .config import PRESETS, preset, with_layout
 from .harness import (Probe, Timer, build_manifest, common_parser, layout_config, make_grid,
                       probe_context, run_cases, validate_common, validate_run_flags)
 from .workload import workload
-from .runtime import BACKENDS, DEVICES, UsageError, detect_launcher, init_world, spawn_local_world
+from .lifecycle import RUN, finish, install_signal_handlers, outcome, usage_exit
+from .options import check_out
+from .runtime import (BACKENDS, DEVICES, EMBEDDED_ENV, UsageError, detect_launcher, init_world,
+                      launched_rank, spawn_local_world)
 
 MODULE = "microbench"
 
@@ -280,6 +283,7 @@ def progress(total: int, enabled: bool):
 
 def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
     world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
+    RUN.rank, RUN.world_size, RUN.store = world.rank, world.world_size, world.store
     if args.scale is None or (world.device_kind == "cpu" and not args.peak_size):
         # under a launcher: rank 0 measures, every rank uses its choice
         import torch.distributed as dist
@@ -299,12 +303,14 @@ def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "model": args.model, "system": args.system, "quick": args.quick,
             "compute_scale": {"value": args.scale, "peak_size": args.peak_size, "why": args.scale_why},
             "steps": [{"probe": s.module, "argv": list(s.argv), "title": s.title} for s in steps]})
+        RUN.writer = writer
         print(f"# microbench campaign: model {args.model}, world {world.world_size} "
               f"({world.num_nodes} node(s)), {world.device_kind}/{world.backend}, "
               f"launcher {world.launcher}, {len(steps)} probe runs → {writer.dir}", flush=True)
     timer = Timer(world)
     bar = progress(len(steps), world.rank == 0)
     manifest_done = False
+    all_rows: list[dict] = []
     for step in steps:
         probe = step.probe()
         pargs = common_parser(probe).parse_args(list(step.argv))
@@ -321,6 +327,7 @@ def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
             manifest_done = True
         t0 = time.monotonic()
         rows = run_cases(probe, ctx, timer, header=False)
+        all_rows.extend(rows)
         if world.rank == 0:
             ok = sum(r.get("status") == "ok" for r in rows)
             msg = (f"#  {step.module.split('.')[-1]:<15} {step.title:<45} {ok}/{len(rows)} ok "
@@ -335,9 +342,9 @@ def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import torch.distributed as dist
     dist.barrier(group=world.control)
     if writer is not None:
-        writer.close(status="ok")
+        finish(writer, all_rows, host=world.hostname)
     dist.destroy_process_group()
-    return 0
+    return outcome(all_rows)[1]  # 1 when any case failed: the manifest says which
 
 
 def predict_and_summarise(args: argparse.Namespace, run_dir: str) -> int:
@@ -422,13 +429,17 @@ def summary_text(args: argparse.Namespace, pred: dict[str, Any], run_dir: str, *
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    RUN.module, RUN.rank = MODULE, launched_rank()
+    RUN.announce = RUN.rank == 0 and not os.environ.get(EMBEDDED_ENV)
+    install_signal_handlers()
     try:
         args = parser().parse_args(argv)
         validate(args)
+        if args.out is not None:
+            check_out(args.out)
+        info = detect_launcher()
     except UsageError as e:
-        print(f"error: {MODULE}: {e}", file=sys.stderr)
-        return 2
-    info = detect_launcher()
+        return usage_exit(str(e))
     if info is None:
         try:  # every step's arguments checked before any rank starts
             import torch
@@ -445,15 +456,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out is None:  # the parent names the directory so it can predict from it
             args.out = str(results.default_out_dir("campaign"))
             argv = [*argv, "--out", args.out]
-        code = spawn_local_world(MODULE, argv, nprocs=args.ranks, timeout_s=args.timeout_s)
+        code = spawn_local_world(MODULE, argv, nprocs=args.ranks, timeout_s=args.timeout_s,
+                                 run_dir=args.out)
         if code != 0 or args.no_predict:
             return code
         return predict_and_summarise(args, args.out)
     try:
         code = run_rank(args, argv)
     except UsageError as e:
-        print(f"error: {MODULE}: {e}", file=sys.stderr)
-        return 2
+        return usage_exit(str(e), after_init=True)
     if code == 0 and info.rank == 0 and info.launcher != "embedded" and not args.no_predict:
         return predict_and_summarise(args, args.out)
     return code

@@ -25,7 +25,9 @@ from .workload import workload
 
 # DeepSpeed's reduce bucket as the DP probes default to it: 3e7 elements of gradient.
 DS_REDUCE_BUCKET_ELEMENTS = 30_000_000
+# Integers up to 2^p are exact in a dtype with p significand bits (value bits for ints).
 MANTISSA_BITS = {"bf16": 8, "fp16": 11, "fp32": 24, "fp64": 53, "int32": 31, "int64": 63}
+PATTERN_MAX = 11  # pattern values are 1..11
 
 
 def bus_factor(kind: str, n: int) -> float | None:
@@ -37,22 +39,53 @@ def bus_factor(kind: str, n: int) -> float | None:
             "broadcast": 1.0, "reduce": 1.0, "sendrecv": 1.0}[kind]
 
 
-def pattern(count: int, *, rank: int, seed: int, dtype: str, device, offset: int = 0):
-    """Small non-zero integers 1..11, different per rank and per seed (never zeros), exact
-    in every dtype, so sums of up to ~23 ranks stay exact even in bf16."""
+def max_summands(dtype: str) -> int:
+    """How many pattern values may be summed with every partial sum exact in ``dtype``:
+    positive integers ≤ 11, so any partial sum of j of them is ≤ 11·j ≤ 2^p (bf16: 23)."""
+    return 2 ** MANTISSA_BITS[dtype] // PATTERN_MAX
+
+
+def pattern_stride(summands: int, dtype: str) -> int:
+    """1 (every element of every rank non-zero) while ``summands`` ranks' values can be
+    summed exactly; above that, each element is non-zero on every stride-th rank only."""
+    return -(-summands // max_summands(dtype))
+
+
+def pattern(count: int, *, rank: int, seed: int, dtype: str, device, offset: int = 0,
+            summands: int = 1):
+    """This rank's fill: integers 1..11, different per rank, element and seed, so that a
+    reduction over ``summands`` ranks is exact in ``dtype`` in any order, for any group size.
+
+    Values are positive, so every partial sum of a reduction (ring, tree, any order) is at
+    most the full sum. While 11·summands ≤ 2^p every element is non-zero on every rank
+    (bf16: groups up to 23, fp16 186, fp32 1.5 M). Beyond, element i is non-zero only on
+    the ranks r with (i − r) mod stride = 0, stride = ⌈summands / max⌉: at most ``max``
+    (≥ 1) terms per element, so the sum stays exact and never zero, and each rank still
+    sends 1/stride non-zero values spread over the whole buffer (the links of gloo, NCCL
+    and oneCCL do not compress: the values do not change the time). Where the exact sum
+    cannot be wrong by rounding, the check needs no tolerance: a NaN, a lost rank's
+    contribution or an all-zero result is always an error.
+    """
     import torch
     i = torch.arange(offset, offset + count, device=device, dtype=torch.int64)
-    vals = (i * 7 + rank * 3 + seed) % 11 + 1
+    vals = (i * 7 + rank * 3 + seed) % PATTERN_MAX + 1
+    stride = pattern_stride(summands, dtype)
+    if stride > 1:
+        vals = torch.where((i - rank) % stride == 0, vals, torch.zeros_like(vals))
     return vals.to(torch_dtype(dtype))
 
 
-def count_wrong(got, expected, *, dtype: str, terms: int) -> int:
-    """Elements outside the tolerance of a sum of ``terms`` values of at most 11."""
+def count_wrong(got, expected) -> int:
+    """Elements not exactly equal to the expected value (NaN and ±inf are always wrong).
+
+    ``expected`` must be exactly representable in ``got``'s dtype (what :func:`pattern`
+    guarantees); an expected value that is not is a bug of the probe, not of the collective.
+    """
     import torch
-    exact_limit = 2 ** MANTISSA_BITS.get(dtype, 24)
-    tol = 0.0 if 11 * terms <= exact_limit else 11 * terms * terms / exact_limit
-    diff = (got.to(torch.float64) - expected.to(torch.float64)).abs()
-    return int((diff > tol).sum().item())
+    exp64 = expected.to(torch.float64)
+    assert torch.equal(exp64.to(got.dtype).to(torch.float64), exp64), \
+        "expected values not exact in the buffer dtype: the pattern is not exact"
+    return int((~(got.to(torch.float64) == exp64)).sum().item())
 
 
 def add_size_args(p: argparse.ArgumentParser) -> None:
@@ -174,6 +207,10 @@ class CollectiveProbe(Probe):
 
     def group_index(self, case: Case, rank: int) -> int:
         return case.group_ranks.index(rank)
+
+    def result(self, ctx: Context, case: Case, state: Any) -> list:
+        """The buffer the check reads (MICROBENCH_FAULT=corrupt edits it)."""
+        return [state["recv"]]
 
     # -- the same collective through mpi4py (--backend mpi4py) -----------------------------
     def call(self, ctx: Context, case: Case, state: Any) -> None:

@@ -10,7 +10,9 @@ cores and XMX want them; the preset's dims all are). A dimension whose ``dim·F`
 is an error, not a silent 1. ``scale`` is recorded in every row.
 
 Efficiency denominators: the measured peak (a large square GEMM in the model dtype, a large
-device copy; see :mod:`microbench.peak`) and, where the device is known, its spec peak.
+device copy; defined at the end of this module, runnable alone as :mod:`microbench.peak`,
+which imports this module and never the other way round) and, where the device is known,
+its spec peak. Correctness tolerances: :mod:`microbench.checks`.
 """
 from __future__ import annotations
 
@@ -18,9 +20,12 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .harness import Case, Context, Probe, torch_dtype
-from .runtime import UsageError
+from .checks import count_gemm_wrong, count_not_close  # noqa: F401  (probes import it here)
+from .config import dtype_bytes
 from .devices import spec_peak  # noqa: F401  (re-exported: the one device table)
+from .harness import Case, Context, Probe, parse_size, torch_dtype
+from .runtime import UsageError
+
 
 def scale_dim(value: int, scale: float, name: str, *, multiple: int = 1) -> int:
     """``value`` shrunk by ``scale`` (module docstring); ValueError names a dim that vanishes."""
@@ -42,28 +47,6 @@ def check_scale(scale: float) -> None:
         raise UsageError(f"--scale {scale:g}: must be in (0, 1]")
 
 
-def unit_roundoff(dtype: str) -> float:
-    """u of the storage dtype (fp32 as TF32 may be used by GEMM engines: 2^-11, conservative)."""
-    return {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "fp32": 2.0 ** -11, "fp64": 2.0 ** -40}[dtype]
-
-
-def count_not_close(got, ref, *, dtype: str, bound=None, terms: int = 1) -> int:
-    """Elements outside a dtype-aware tolerance of a float64 reference.
-
-    ``bound`` is |A|·|B| for a GEMM (the classic forward-error bound scale); elsewhere the
-    reference's own magnitude plus its largest value (absolute floor). Tolerance: 4u (storage
-    rounding of inputs and output) + terms·2^-23 (fp32 accumulation) times the bound.
-    """
-    import torch
-    got, ref = got.to(torch.float64), ref.to(torch.float64)
-    u = unit_roundoff(dtype)
-    if bound is None:
-        bound = ref.abs() + ref.abs().max()
-    tol = (4 * u + terms * 2.0 ** -23) * bound
-    bad = ~((got - ref).abs() <= tol)  # NaN counts as wrong
-    return int(bad.sum().item())
-
-
 def randn(shape, *, seed: int, dtype: str, device, requires_grad: bool = False):
     """Normal data from a fixed seed (never zeros), made on the host so every device agrees."""
     import torch
@@ -80,6 +63,8 @@ class Work:
     check: Callable[[], tuple[int, int]] = lambda: (0, 0)
     output: Any = None
     """The result buffer where there is a fixed one (for tests)."""
+    result: Callable[[], list] | None = None
+    """The tensors the check reads (default: [output]); MICROBENCH_FAULT=corrupt edits them."""
     prepare: Callable[[], Any] | None = None
     """Run before every iteration, untimed (a cache flush, for an op that starts cold)."""
 
@@ -138,7 +123,6 @@ class ComputeProbe(Probe):
     # -- generic run/check/metrics: a case's setup returns Work; rates come from its fields
     def setup(self, ctx: Context, case: Case, *, seed: int) -> Work:
         if case.fields.get("op") in ("peak", "copy"):
-            from .peak import setup_peak
             return setup_peak(ctx, case, seed=seed)
         return self.op_setup(ctx, case, seed=seed)
 
@@ -150,6 +134,11 @@ class ComputeProbe(Probe):
 
     def check(self, ctx: Context, case: Case, state: Work) -> tuple[int, int]:
         return state.check()
+
+    def result(self, ctx: Context, case: Case, state: Work) -> list:
+        if state.result is not None:
+            return list(state.result())
+        return [] if state.output is None else [state.output]
 
     def prepare(self, ctx: Context, case: Case, state: Work) -> None:
         if state.prepare is not None:
@@ -165,7 +154,6 @@ class ComputeProbe(Probe):
 
     def peak_cases(self, ctx: Context):
         """The denominators this probe's rates need (a GEMM peak by default)."""
-        from .peak import gemm_peak_case
         yield gemm_peak_case(self, ctx)
 
     def op_cases(self, ctx: Context):
@@ -202,3 +190,53 @@ class ComputeProbe(Probe):
 def _device_name(ctx: Context) -> str:
     from .harness import device_name
     return device_name(ctx.world)
+
+
+# -- the peak cases (the denominators of every efficiency figure; see microbench.peak) -------
+
+def _on_cpu(ctx: Context) -> bool:
+    return ctx.world.device_kind == "cpu"
+
+
+def gemm_peak_case(probe: ComputeProbe, ctx: Context) -> Case:
+    n = ctx.args.peak_size or (2048 if _on_cpu(ctx) else 8192)
+    case = probe.case(ctx, f"peak-gemm-{n}", kind="gemm", op="peak", phase="fwd", m=n, n=n, k=n,
+                      batch=1, dtype=ctx.args.dtype, flop=2 * n ** 3)
+    case.fields["scale"] = 1.0  # a device ceiling: never scaled
+    case.fields["statistic"] = "min"  # a ceiling is the best the device did, not the typical
+    return case
+
+
+def copy_peak_case(probe: ComputeProbe, ctx: Context) -> Case:
+    size = parse_size(ctx.args.copy_bytes) if ctx.args.copy_bytes else \
+        (128 << 20 if _on_cpu(ctx) else 1 << 30)
+    count = size // dtype_bytes(ctx.args.dtype)
+    case = probe.case(ctx, f"peak-copy-{size}", kind="memop", op="copy", phase="fwd",
+                      count=count, size_bytes=count * dtype_bytes(ctx.args.dtype),
+                      dtype=ctx.args.dtype, bytes_moved=2 * count * dtype_bytes(ctx.args.dtype))
+    case.fields["scale"] = 1.0
+    case.fields["statistic"] = "min"  # a ceiling is the best the device did, not the typical
+    return case
+
+
+def setup_peak(ctx: Context, case: Case, *, seed: int) -> Work:
+    """The square GEMM (checked on its first 16 rows, :func:`count_gemm_wrong`) or the copy
+    (checked exactly)."""
+    import torch
+    f, dev = case.fields, ctx.device
+    if f["op"] == "copy":
+        src = randn((f["count"],), seed=seed, dtype=f["dtype"], device=dev)
+        dst = torch.empty_like(src)
+
+        def check() -> tuple[int, int]:
+            return int((~(dst == src)).sum().item()), f["count"]  # NaN ≠ NaN: wrong
+        return Work(lambda: dst.copy_(src), check, output=dst)
+    n = f["m"]
+    a = randn((n, n), seed=seed, dtype=f["dtype"], device=dev)
+    b = randn((n, n), seed=seed + 1000, dtype=f["dtype"], device=dev)
+    c = torch.empty((n, n), dtype=a.dtype, device=dev)
+
+    def check() -> tuple[int, int]:
+        rows = min(n, 16)
+        return count_gemm_wrong(c[:rows], a[:rows], b, dtype=f["dtype"]), rows * n
+    return Work(lambda: torch.mm(a, b, out=c), check, output=c)

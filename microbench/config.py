@@ -57,6 +57,10 @@ class ModelConfig:
     """Compute (and activation communication) dtype."""
     tied_embeddings: bool = False
     """Share the input embedding with the LM head."""
+    dropout: bool = False
+    """GPT-3-style hidden and attention dropout (Megatron's default p = 0.1; Llama-style
+    models train without). Adds the attention-probability dropout, a memory-bound pass over
+    the b·a·s² scores, and one mask byte per element of each hidden dropout."""
 
     def __post_init__(self) -> None:
         _positive(self, "num_layers", "hidden", "num_heads", "ffn_hidden", "seq_len", "vocab_size")
@@ -292,6 +296,16 @@ def tiny() -> TrainConfig:
         note="Seconds on a laptop CPU; fp32 because CPU bf16 GEMMs are slow and imprecise.")
 
 
+def mds_cpu() -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(name="mds-cpu", num_layers=4, hidden=512, num_heads=8, ffn_hidden=2048,
+                          gated_mlp=True, seq_len=512, vocab_size=2048, norm="rmsnorm",
+                          dtype="fp32"),
+        parallel=ParallelConfig(tp=1, pp=1, dp=1, micro_batch=1, global_batch=8),
+        note="Real Megatron-DeepSpeed cross-check on a CPU (issue 11): compute-bound, 2-4 s per step "
+             "on 2 cores; fp32 because AVX2-only CPUs run bf16 GEMMs ~40x slower.")
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "alcf-1t": alcf_1t,
     "alcf-1t-readme": alcf_1t_readme,
@@ -299,6 +313,7 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "gpt3-175b": gpt3_175b,
     "llama2-7b": llama2_7b,
     "tiny": tiny,
+    "mds-cpu": mds_cpu,
 }
 
 
@@ -318,10 +333,10 @@ def with_layout(cfg: TrainConfig, **changes: object) -> TrainConfig:
     changes = {k: v for k, v in changes.items() if v is not None}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     model_changes = {k: changes.pop(k) for k in list(changes) if k in model_fields}
-    model = dataclasses.replace(cfg.model, **model_changes) if model_changes else cfg.model
     if "num_heads" in model_changes and "num_kv_heads" not in model_changes and \
             cfg.model.num_kv_heads == cfg.model.num_heads:
-        model = dataclasses.replace(model, num_kv_heads=model.num_heads)
+        model_changes["num_kv_heads"] = model_changes["num_heads"]  # no GQA stays no GQA
+    model = dataclasses.replace(cfg.model, **model_changes) if model_changes else cfg.model
     p = cfg.parallel
     if "global_batch" not in changes:
         dp = changes.get("dp", p.dp)

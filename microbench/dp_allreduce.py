@@ -130,6 +130,9 @@ class DpAllreduce(Probe):
         for probe, sc, st in state:
             probe.call(ctx, sc, st)
 
+    def result(self, ctx: Context, case: Case, state: Any) -> list:
+        return [t for probe, sc, st in state for t in probe.result(ctx, sc, st)]
+
     def check(self, ctx: Context, case: Case, state: Any) -> tuple[int, int]:
         totals = [probe.check(ctx, sc, st) for probe, sc, st in state]
         return sum(t[0] for t in totals), sum(t[1] for t in totals)

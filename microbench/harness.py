@@ -2,67 +2,42 @@
 
 A probe declares only what is specific to it (see :class:`Probe`): its cases, how a case
 allocates and fills its buffers, the one call to time, how to check the result, and which
-rates to derive. Everything else lives here: the common flags, launching (or starting the
-embedded local world), warm-up, per-iteration device-correct timing with the barrier
-outside the timed region, the cross-rank reduction over the control group (never the
-measured one), statistics and stability warnings, the correctness count on fresh data,
-skipped vs failed cases, output rows flushed per case, and the human table.
+rates to derive. Everything else is written once: launching (or starting the embedded
+local world), warm-up, the barrier outside the timed region, the cross-rank reduction over
+the control group (never the measured one), the correctness count on fresh data, skipped
+vs failed cases and output rows flushed per case live here; the seams live beside it —
+:mod:`microbench.options` (common flags and their checks), :mod:`microbench.timing` (timer,
+statistics, stability warning), :mod:`microbench.lifecycle` (manifest, failure, exit code)
+and :mod:`microbench.table` (the human table).
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from .cli import ArgumentParser
-from . import results
-from .config import PRESETS, TrainConfig, preset, with_layout
-from .runtime import (BACKENDS, DEVICES, Grid, UsageError, World, detect_launcher,
-                      init_world, spawn_local_world)
+from pathlib import Path
 
-TORCH_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "half": "float16",
-                "float16": "float16", "fp32": "float32", "float": "float32", "float32": "float32",
-                "fp64": "float64", "double": "float64", "float64": "float64",
-                "int32": "int32", "int": "int32", "int64": "int64"}
-CANONICAL_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",
-                   "int32": "int32", "int64": "int64"}
-STABILITY_CV = 0.10  # warn when stdev > 10% of the mean
+from . import results
+from .config import TrainConfig
+from .runtime import (EMBEDDED_ENV, Grid, RendezvousFailure, UsageError, World, detect_launcher, init_world,
+                      launched_rank, spawn_local_world)
+# The seams (re-exported: probes and tools import these names from the harness).
+from .lifecycle import (RUN, abort_rank, build_manifest, device_name,  # noqa: F401
+                        fail_fast, failure_exit, finish, install_signal_handlers, outcome,
+                        usage_exit)
+from .options import (CANONICAL_DTYPE, TORCH_DTYPES, canonical_dtype, check_memory,  # noqa: F401
+                      check_out, common_parser, layout_config, make_grid, parse_size,
+                      torch_dtype, validate_common, validate_run_flags)
+from .table import footer, format_row, header_line  # noqa: F401
+from .timing import STABILITY_CV, Timer, stability_warning, summarize  # noqa: F401
 
 
 class Skip(Exception):
     """Raised by a probe's setup when a case is not supported here (recorded as skipped)."""
-
-
-def parse_size(text: str) -> int:
-    """'1K' → 1024, '16M', '2G', '100' bytes (binary suffixes, as nccl-tests)."""
-    t = str(text).strip().upper().removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
-    digits = t[:-1] if t[-1:] in "KMGT" and t else t
-    try:
-        value = float(digits) * mult
-    except ValueError:
-        raise UsageError(f"size {text!r} is not a number with an optional K/M/G suffix") from None
-    if value <= 0 or value != int(value):
-        raise UsageError(f"size {text!r} must be a positive whole number of bytes")
-    return int(value)
-
-
-def canonical_dtype(name: str) -> str:
-    try:
-        return CANONICAL_DTYPE[TORCH_DTYPES[name.lower()]]
-    except KeyError:
-        raise UsageError(f"-d/--dtype {name!r}: choose one of bf16, fp16, fp32, fp64, int32") from None
-
-
-def torch_dtype(name: str):
-    import torch
-    return getattr(torch, TORCH_DTYPES[name.lower()])
 
 
 @dataclass
@@ -129,12 +104,23 @@ class Probe:
         """(wrong, checked) elements after one run on fresh data."""
         return 0, 0
 
+    def result(self, ctx: "Context", case: Case, state: Any) -> list:
+        """The tensors :meth:`check` reads; ``MICROBENCH_FAULT=corrupt:…`` perturbs them
+        between the checked call and the check, so every check is tested end to end."""
+        return []
+
     def metrics(self, ctx: "Context", case: Case, time_s: float) -> dict[str, Any]:
         """Rates from the statistic's time (s): busbw, TFLOP/s, GB/s..."""
         return {}
 
     def manifest(self, ctx: "Context") -> dict[str, Any]:
         return {}
+
+    def max_buffer_bytes(self, args: argparse.Namespace) -> int | None:
+        """The largest single buffer one rank allocates, when known from the flags alone:
+        checked against the rank's share of memory before any rank starts (a lower bound:
+        a case may hold several such buffers). Default: the ``-e/--maxbytes`` of a sweep."""
+        return getattr(args, "maxbytes_i", None)
 
 
 @dataclass
@@ -160,139 +146,6 @@ class Context:
                 "crosses_nodes": self.world.crosses_nodes(ranks)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-def common_parser(probe: Probe) -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=f"python -m {probe.module}", description=probe.description)
-    p.add_argument("-n", "--iters", type=int, default=probe.default_iters, help="timed iterations per case")
-    p.add_argument("-w", "--warmup", type=int, default=probe.default_warmup, help="warm-up iterations per case")
-    p.add_argument("-d", "--dtype", default=None, help="bf16|fp16|fp32|fp64 (default: the model's, else fp32)")
-    p.add_argument("-c", "--check", type=int, default=1, choices=(0, 1), help="check results after timing (1/0)")
-    p.add_argument("--out", default=None, help="run directory (default results/<probe>-<time>)")
-    p.add_argument("--backend", default="auto", help="|".join(BACKENDS))
-    p.add_argument("--device", default="auto", help="|".join(DEVICES))
-    p.add_argument("--timeout-s", type=float, default=300.0, help="timeout of every process group (s)")
-    p.add_argument("--ranks", type=int, default=2, help="ranks of the embedded world when no launcher is found")
-    p.add_argument("--statistic", default="median", choices=("median", "mean", "min"), help="reported statistic")
-    p.add_argument("--model", default=None, help=f"preset: {', '.join(PRESETS)}")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size")
-    p.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world / (tp·pp))")
-    p.add_argument("--mbs", type=int, default=None, help="micro-batch size")
-    p.add_argument("--quiet", action="store_true", help="no table on standard output")
-    probe.add_args(p)
-    return p
-
-
-def validate_run_flags(args: argparse.Namespace, *, backends: Sequence[str] = BACKENDS) -> None:
-    """The flags every entry point shares: iterations, ranks, timeout, device, backend."""
-    for flag, value, low in (("-n/--iters", args.iters, 1), ("-w/--warmup", args.warmup, 0),
-                             ("--ranks", args.ranks, 1)):
-        if value < low:
-            raise UsageError(f"{flag} {value}: must be ≥ {low}")
-    if not args.timeout_s > 0:
-        raise UsageError(f"--timeout-s {args.timeout_s}: must be > 0")
-    if args.backend not in backends:
-        raise UsageError(f"--backend {args.backend!r}: choose one of {', '.join(backends)}")
-    if args.device not in DEVICES:
-        raise UsageError(f"--device {args.device!r}: choose one of {', '.join(DEVICES)}")
-
-
-def validate_common(args: argparse.Namespace) -> None:
-    validate_run_flags(args)
-    if args.dtype is not None:
-        args.dtype = canonical_dtype(args.dtype)
-    for flag in ("tp", "pp", "dp", "mbs"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            raise UsageError(f"--{flag} {v}: must be a positive integer")
-    if args.model is not None and args.model not in PRESETS:
-        raise UsageError(f"--model {args.model!r}: unknown preset; known: {', '.join(PRESETS)}")
-    if args.model is not None:
-        layout_config(args, world_size=None)  # shape errors before anything starts
-
-
-def layout_config(args: argparse.Namespace, world_size: int | None) -> TrainConfig | None:
-    """The preset with the command line's layout (--tp/--pp/--dp/--mbs) applied."""
-    if args.model is None:
-        return None
-    base = preset(args.model)
-    tp = args.tp or 1
-    pp = args.pp or 1
-    dp = args.dp
-    if dp is None:
-        dp = max(1, (world_size or tp * pp) // (tp * pp))
-    try:
-        return with_layout(base, tp=tp, pp=pp, dp=dp, micro_batch=args.mbs, interleave=1)
-    except ValueError as e:
-        raise UsageError(f"--model {args.model} --tp {tp} --pp {pp} --dp {dp}: {e}") from None
-
-
-def make_grid(args: argparse.Namespace, world_size: int) -> Grid:
-    tp, pp = args.tp or 1, args.pp or 1
-    dp = args.dp if args.dp is not None else world_size // (tp * pp)
-    grid = Grid(tp=tp, pp=pp, dp=max(dp, 1))
-    if grid.size != world_size:
-        raise UsageError(f"tp({tp}) × pp({pp}) × dp({dp}) = {grid.size} ≠ world {world_size}")
-    return grid
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing
-
-class Timer:
-    """Per-iteration device-correct timer: device events where the torch version has them,
-    else synchronize and read the host clock (never a bare host clock on async work)."""
-
-    def __init__(self, world: World):
-        import torch
-        self.kind = world.device_kind
-        self.torch = torch
-        self.module = getattr(torch, self.kind, None) if self.kind != "cpu" else None
-        event_cls = getattr(torch, "Event", None)
-        if self.module is not None and event_cls is None:
-            event_cls = getattr(self.module, "Event", None)
-        self.event_cls = event_cls if self.module is not None else None
-        self.method = "device_events" if self.event_cls is not None else \
-            ("synchronize+perf_counter" if self.module is not None else "perf_counter")
-
-    def sync(self) -> None:
-        if self.module is not None:
-            self.module.synchronize()
-
-    def time(self, fn: Callable[[], None]) -> float:
-        """Seconds of one call of ``fn``."""
-        if self.event_cls is not None:
-            start, end = self.event_cls(enable_timing=True), self.event_cls(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        return time.perf_counter() - t0
-
-
-def summarize(samples_us: Sequence[float]) -> dict[str, float]:
-    xs = sorted(samples_us)
-    n = len(xs)
-    p95 = xs[min(n - 1, max(0, math.ceil(0.95 * n) - 1))]
-    return {"time_us_median": statistics.median(xs), "time_us_mean": statistics.fmean(xs),
-            "time_us_min": xs[0], "time_us_max": xs[-1], "time_us_p95": p95,
-            "time_us_stdev": statistics.stdev(xs) if n > 1 else 0.0}
-
-
-def stability_warning(stats: dict[str, float], n: int) -> str | None:
-    mean = stats["time_us_mean"]
-    if n > 1 and mean > 0 and stats["time_us_stdev"] > STABILITY_CV * mean:
-        cv = 100 * stats["time_us_stdev"] / mean
-        return (f"stdev is {cv:.0f}% of the mean over {n} iterations; use more iterations "
-                "(-n), pin the CPU, or keep other work off the machine")
-    return None
 
 
 def _control_barrier(ctx: Context) -> None:
@@ -318,12 +171,14 @@ def _gather_samples(ctx: Context, samples: list[float]):
     return torch.stack(allr)  # [world, iters]
 
 
-def _sum_control(ctx: Context, values: Sequence[int]) -> list[int]:
+def _gather_control(ctx: Context, values: Sequence[int]):
+    """Every rank's ``values`` over the control group: an int64 tensor [world, len]."""
     import torch
     import torch.distributed as dist
-    t = torch.tensor(list(values), dtype=torch.int64)
-    dist.all_reduce(t, group=ctx.world.control)
-    return [int(v) for v in t.tolist()]
+    mine = torch.tensor(list(values), dtype=torch.int64)
+    allr = [torch.empty_like(mine) for _ in range(ctx.world.world_size)]
+    dist.all_gather(allr, mine, group=ctx.world.control)
+    return torch.stack(allr)
 
 
 def measure_case(probe: Probe, ctx: Context, case: Case, timer: Timer) -> dict[str, Any]:
@@ -386,93 +241,70 @@ def measure_case(probe: Probe, ctx: Context, case: Case, timer: Timer) -> dict[s
             fresh = probe.setup(ctx, case, seed=2)
             probe.call(ctx, case, fresh)
             timer.sync()
+            corrupt = _corruption(ctx.rank)
+            if corrupt is not None:  # fault injection: this rank's result is made wrong
+                corrupt(probe.result(ctx, case, fresh))
             wrong, checked = probe.check(ctx, case, fresh)
             del fresh
-        wrong, checked = _sum_control(ctx, [wrong, checked])
+        per_rank = _gather_control(ctx, [wrong, checked])  # [world, 2]
+        wrong, checked = (int(v) for v in per_rank.sum(dim=0).tolist())
         row["num_wrong"], row["num_checked"] = wrong, checked
+        if wrong:  # nccl-tests: a wrong result fails the case (and the run)
+            by_rank = ", ".join(f"rank {r}: {int(w)}" for r, w in enumerate(per_rank[:, 0].tolist()) if w)
+            row["status"] = "failed"
+            row["reason"] = f"check: {wrong} of {checked} elements wrong ({by_rank})"
+            return row
     row["status"] = "ok"
     return row
 
 
-# ---------------------------------------------------------------------------------------------
-# Output
-
-def format_row(probe: Probe, row: dict[str, Any]) -> str:
-    cells = []
-    for header, key, spec in probe.columns:
-        width = max(len(header), int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0))
-        value = row.get(key)
-        if row.get("status") != "ok" and key.startswith(("time", "algbw", "busbw", "tflops", "gbps", "num_wrong", "pct")):
-            cells.append(f"{row.get('status', '?'):>{width}}")
-        elif value is None:
-            cells.append(f"{'n/a':>{width}}")
-        else:
-            try:
-                cells.append(format(value, spec))
-            except (TypeError, ValueError):
-                cells.append(f"{str(value):>{width}}")
-    return " ".join(cells)
-
-
-def header_line(probe: Probe) -> str:
-    cells = []
-    for header, _key, spec in probe.columns:
-        width = max(len(header), int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0))
-        cells.append(f"{header:>{width}}")
-    return "#" + " ".join(cells)[1:]
-
-
-def build_manifest(probe: Probe, ctx: Context, argv: Sequence[str]) -> dict[str, Any]:
-    w = ctx.world
-    man = {"probe": probe.name, "command": [sys.executable, "-m", probe.module, *argv],
-           "world_size": w.world_size, "hostnames": w.hostnames, "num_nodes": w.num_nodes,
-           "ranks_per_node": w.ranks_per_node, "device": w.device_kind,
-           "device_name": device_name(w), "backend": w.backend, "launcher": w.launcher,
-           "timeout_s": w.timeout_s, "grid": {"tp": ctx.grid.tp, "pp": ctx.grid.pp, "dp": ctx.grid.dp},
-           "versions": results.library_versions(), "model": ctx.args.model}
-    if ctx.cfg is not None:
-        import dataclasses
-        man["config"] = {"model": dataclasses.asdict(ctx.cfg.model),
-                         "parallel": dataclasses.asdict(ctx.cfg.parallel)}
-    man.update(probe.manifest(ctx))
-    return man
-
-
-def device_name(world: World) -> str:
-    import platform
-    if world.device_kind == "cpu":
-        return platform.processor() or platform.machine()
-    module = __import__("torch").__dict__[world.device_kind]
-    try:
-        return module.get_device_name(world.device)
-    except Exception:
-        return world.device_kind
 
 
 def run_probe(probe: Probe, argv: Sequence[str] | None = None) -> int:
-    """The whole life of a probe invocation; returns the process exit code."""
+    """The whole life of a probe invocation; returns the process exit code (see
+    :mod:`microbench.lifecycle`: 0 ok, 1 a case failed, 2 usage error, 128+N a signal).
+
+    Everything that can be checked before a rank starts is checked here, by every process
+    alike, and printed once (rank 0, or the embedded world's parent): flags, finite numbers,
+    launcher variables, the layout against the world size, sizes against memory, ``--out``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    RUN.module, RUN.rank = probe.module, launched_rank()
+    RUN.announce = RUN.rank == 0 and not os.environ.get(EMBEDDED_ENV)
+    install_signal_handlers()
     parser = common_parser(probe)
     try:
         args = parser.parse_args(argv)
         validate_common(args)
         probe.validate(args)
+        _fault_injection(-1)  # a malformed MICROBENCH_FAULT is a usage error up front
+        info = detect_launcher()
+        if info is None and args.backend == "mpi4py":
+            raise UsageError(f"--backend mpi4py needs an MPI launch (mpiexec -n N python -m "
+                             f"{probe.module} ...): the embedded local world has no MPI communicator")
+        world_size = args.ranks if info is None else info.world_size
+        if world_size is not None and probe.layout_matches_world:
+            make_grid(args, world_size)
+            layout_config(args, world_size)
+        check_memory(args, probe.max_buffer_bytes(args), ranks_per_node=(
+            args.ranks if info is None else info.local_size or 1))
+        if args.out is not None:
+            check_out(args.out)
+        elif info is None:  # the parent names the run directory, so it can close it
+            args.out = str(results.default_out_dir(probe.name))
+            argv = [*argv, "--out", args.out]
     except UsageError as e:
-        print(f"error: {probe.module}: {e}", file=sys.stderr)
-        return 2
-    if detect_launcher() is None:
-        if args.backend == "mpi4py":
-            print(f"error: {probe.module}: --backend mpi4py needs an MPI launch (mpiexec -n N python "
-                  f"-m {probe.module} ...): the embedded local world has no MPI communicator",
-                  file=sys.stderr)
-            return 2
+        return usage_exit(str(e))
+    if info is None:
         # No launcher: become the parent of an embedded local world of --ranks ranks.
-        return spawn_local_world(probe.module, argv, nprocs=args.ranks, timeout_s=args.timeout_s)
+        return spawn_local_world(probe.module, argv, nprocs=args.ranks, timeout_s=args.timeout_s,
+                                 run_dir=args.out)
     try:
         return _run_rank(probe, args, argv)
     except UsageError as e:
-        print(f"error: {probe.module}: {e}", file=sys.stderr)
-        return 2
+        return usage_exit(str(e), after_init=True)
+    except RendezvousFailure as e:
+        return failure_exit(str(e))
 
 
 def probe_context(probe: Probe, args: argparse.Namespace, world: World) -> Context:
@@ -545,79 +377,96 @@ def _emit(probe: Probe, ctx: Context, row: dict[str, Any], *, show: bool, derive
             print(f"#   {row['note']}", flush=True)
 
 
-def fail_fast(module: str, ctx: Context, case: str, exc: BaseException) -> None:
-    """Name the rank, host, probe and case, keep the rows, and exit without waiting on peers."""
-    abort_rank(module, ctx.world, ctx.writer, f"case {case}", exc,
-               row={"probe": module.rsplit(".", 1)[-1], "case": case})
-
-
-def abort_rank(module: str, world: World, writer: results.RunWriter | None, what: str,
-               exc: BaseException, *, row: dict[str, Any]) -> None:
-    """The one way a rank gives up: a line naming module, rank, host and what failed, a
-    'failed' row after the rows already written, then exit (a collective may be stuck:
-    never wait on a destroy that can hang)."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    msg = (f"error: {module}: rank {world.rank} on {world.hostname}: {what} failed: "
-           f"{type(exc).__name__}: {text} (a peer may have died or hung; group timeout "
-           f"{world.timeout_s:g} s)")
-    print(msg, file=sys.stderr, flush=True)
-    if os.environ.get("MICROBENCH_DEBUG"):
-        traceback.print_exc()
-    if writer is not None:
-        writer.write_row({**row, "status": "failed", "reason": msg})
-        writer.close(status="failed")
-    sys.stdout.flush()
-    os._exit(1)
-
 
 def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> int:
     world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
+    RUN.rank, RUN.world_size, RUN.store = world.rank, world.world_size, world.store
     ctx = probe_context(probe, args, world)
     if world.rank == 0:
         out = args.out or str(results.default_out_dir(probe.name))
-        ctx.writer = results.RunWriter(out, build_manifest(probe, ctx, argv))
+        try:
+            ctx.writer = results.RunWriter(out, build_manifest(probe, ctx, argv))
+        except (ValueError, OSError) as e:  # --out taken meanwhile, or unwritable
+            ctx.writer = None
+            fail_fast(probe.module, ctx, "creating the run directory", e)
+        RUN.writer = ctx.writer
+    RUN.run_dir = Path(share_from_rank0(world, str(ctx.writer.dir) if ctx.writer else None))
     rows = run_cases(probe, ctx, Timer(world))
+    code = outcome(rows)[1]  # rows are the same on every rank: every rank exits alike
     if ctx.writer is not None:
         footer(probe, rows)
-        ctx.writer.close(status="ok")
+        finish(ctx.writer, rows, host=world.hostname)
         if not args.quiet:
             print(f"# rows: {ctx.writer.dir / results.ROWS}")
     import torch.distributed as dist
     dist.barrier(group=world.control)
     dist.destroy_process_group()
-    return 0
+    return code
+
+
+def share_from_rank0(world: World, value: Any) -> Any:
+    """Rank 0's value on every rank (over the control group)."""
+    import torch.distributed as dist
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=world.control)
+    return box[0]
 
 
 def _fault_injection(rank: int) -> tuple[int, str] | None:
     """``MICROBENCH_FAULT=R:N[:hang]`` makes rank R die (or hang) before its case N: the tests
-    of a dead and of a hung rank."""
+    of a dead and of a hung rank. (``corrupt:…`` is :func:`_corruption`'s.)"""
     spec = os.environ.get("MICROBENCH_FAULT")
     if not spec:
         return None
-    who, when, *how = spec.split(":")
-    return (int(when or 0), how[0] if how else "die") if int(who) == rank else None
+    if spec.startswith("corrupt:"):
+        _corruption(rank)  # a malformed spec is a usage error before the first case
+        return None
+    try:
+        who, when, *how = spec.split(":")
+        fault = (int(when or 0), how[0] if how else "die")
+        if fault[1] not in ("die", "hang") or len(how) > 1:
+            raise ValueError
+        return fault if int(who) == rank else None
+    except ValueError:
+        raise UsageError(f"MICROBENCH_FAULT={spec!r}: expected R:N[:hang] or "
+                         "corrupt:R:scale=F|nan|zero") from None
 
 
-def footer(probe: Probe, rows: list[dict[str, Any]]) -> None:
-    ok = [r for r in rows if r.get("status") == "ok"]
-    wrong = sum(r.get("num_wrong", 0) or 0 for r in ok)
-    print(f"# Out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}")
-    if probe.footer_metric:
-        vals = [r[probe.footer_metric] for r in ok if r.get(probe.footer_metric) is not None]
-        label = {"busbw_gbps": "bus bandwidth", "tflops": "TFLOP/s", "gbps": "GB/s"}.get(
-            probe.footer_metric, probe.footer_metric)
-        if vals:
-            print(f"# Avg {label:<17}: {statistics.fmean(vals):.4g}")
-        else:
-            print(f"# Avg {label:<17}: n/a (no case has one)")
-    unstable = sum(bool(r.get("warning")) for r in ok)
-    if unstable:
-        print(f"# {unstable} case(s) unstable: use more iterations (-n), pin the CPU, "
-              "or keep other work off the machine")
-    skipped = sum(r.get("status") == "skipped" for r in rows)
-    failed = sum(r.get("status") == "failed" for r in rows)
-    if skipped or failed:
-        print(f"# {skipped} case(s) skipped, {failed} failed (see rows)")
+def _corruption(rank: int) -> Callable[[list], None] | None:
+    """``MICROBENCH_FAULT=corrupt:R:scale=F|nan|zero``: after rank R's checked call (fresh
+    data) and before its check, every result tensor the probe names (:meth:`Probe.result`)
+    is scaled by F, gets a NaN in its first element, or is zeroed — so each check is shown
+    catching a wrong result end to end. None on every other rank or without the variable."""
+    spec = os.environ.get("MICROBENCH_FAULT", "")
+    if not spec.startswith("corrupt:"):
+        return None
+    _, who, how = (spec.split(":", 2) + ["", ""])[:3]
+    mode, _, value = how.partition("=")
+    try:
+        target = int(who)
+        factor = float(value) if mode == "scale" else None
+        if mode not in ("scale", "nan", "zero") or (mode != "scale" and value):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"MICROBENCH_FAULT={spec!r}: expected corrupt:R:scale=F, corrupt:R:nan "
+                         "or corrupt:R:zero") from None
+    if target != rank:
+        return None
+
+    def corrupt(tensors: list) -> None:
+        import torch
+        with torch.no_grad():
+            for t in tensors:
+                if t.numel() == 0:
+                    continue
+                if mode == "scale":
+                    t.mul_(factor)
+                elif mode == "zero":
+                    t.zero_()
+                else:
+                    t[(0,) * t.dim()] = float("nan")
+    return corrupt
+
 
 
 def main_for(probe: Probe) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .compute import ComputeProbe, Work, count_not_close, randn, scale_dim
+from .compute import ComputeProbe, Work, copy_peak_case, count_not_close, randn, scale_dim
 from .harness import Case, Context, layout_config, main_for
 from .runtime import UsageError
 from .workload import adam_bytes_per_param, workload
@@ -86,6 +86,8 @@ def _op_fn(cfg_f: dict[str, Any], name: str, params: dict[str, Any]):
         return lambda x: x + params["y"].to(x.dtype)
     if name == "softmax":
         return lambda x: torch.softmax(x, dim=-1)
+    if name == "attention_dropout":  # apply a stored keep-mask (p = 0.1) so the check is exact
+        return lambda x: x * params["mask"].to(x.dtype) * (1 / 0.9)
     if name == "embedding":
         return lambda table: F.embedding(params["ids"], table)
     if name == "cross_entropy":
@@ -105,7 +107,8 @@ def memop_work(f: dict[str, Any], *, seed: int, device) -> Work:
               "sin": randn((rows, 1, f["head_dim"]), seed=seed + 8, dtype=dt, device=device),
               "y": randn((rows, inner), seed=seed + 9, dtype=dt, device=device) if name == "residual_add" else None,
               "ids": torch.randint(0, shape[0], (rows,), generator=g).to(device),
-              "target": torch.randint(0, inner, (rows,), generator=g).to(device)}
+              "target": torch.randint(0, inner, (rows,), generator=g).to(device),
+              "mask": (torch.rand(shape, generator=g) >= 0.1).to(device) if name == "attention_dropout" else None}
     fn = _op_fn(f, name, params)
     bwd = f["phase"] == "bwd" or name == "cross_entropy"
     x = randn(shape, seed=seed, dtype=dt, device=device, requires_grad=bwd and name != "residual_add")
@@ -126,7 +129,7 @@ def memop_work(f: dict[str, Any], *, seed: int, device) -> Work:
 
     def check() -> tuple[int, int]:
         r = min(rows, 8)
-        p64 = {k: (v[:r] if k in ("cos", "sin", "y", "ids", "target") else v).double()
+        p64 = {k: (v[:r] if k in ("cos", "sin", "y", "ids", "target", "mask") else v).double()
                if v is not None and v.is_floating_point() else (v[:r] if v is not None and k != "b" else v)
                for k, v in params.items()}
         fn64 = _op_fn(f, name, p64)
@@ -139,7 +142,7 @@ def memop_work(f: dict[str, Any], *, seed: int, device) -> Work:
             ref = torch.autograd.grad(fn64(x64), x64, grad[:r].double())[0]
         got = result["out"][:r]
         return count_not_close(got, ref, dtype=dt, terms=inner), got.numel()
-    return Work(run, check)
+    return Work(run, check, result=lambda: [result["out"]])
 
 
 def adamw_work(f: dict[str, Any], *, seed: int, device) -> Work:
@@ -171,7 +174,7 @@ def adamw_work(f: dict[str, Any], *, seed: int, device) -> Work:
         wrong = count_not_close(master.detach()[:k], ref, dtype="fp32") + \
             count_not_close(weight[:k], ref, dtype=f["dtype"])
         return wrong, 2 * k
-    return Work(run, check, prepare=evict)
+    return Work(run, check, prepare=evict, result=lambda: [master.data, weight])
 
 
 class LayerOps(ComputeProbe):
@@ -200,7 +203,6 @@ class LayerOps(ComputeProbe):
             raise UsageError(str(e)) from None
 
     def peak_cases(self, ctx: Context):
-        from .peak import copy_peak_case
         yield copy_peak_case(self, ctx)
 
     def op_cases(self, ctx: Context):

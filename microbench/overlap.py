@@ -141,6 +141,9 @@ class Overlap(Probe):
     def check(self, ctx: Context, case: Case, state: Any) -> tuple[int, int]:
         return AllReduce().check(ctx, case, state["coll"]) if state["coll"] else (0, 0)
 
+    def result(self, ctx: Context, case: Case, state: Any) -> list:
+        return [state["coll"]["recv"]] if state["coll"] else []
+
     def finish(self, ctx: Context, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         t = {r["variant"]: r.get("time_us") for r in rows if r.get("status") == "ok"}
         base = {k: rows[0][k] for k in ("collective_name", "size_bytes", "dtype", "gemm", "collective",

@@ -26,7 +26,7 @@ class ReduceScatter(ShardedCollectiveProbe):
     def make_buffers(self, ctx: Context, case: Case, *, seed: int, inplace: bool) -> Any:
         n, count, dt = len(case.group_ranks), case.fields["count"], case.fields["dtype"]
         chunk, idx = count // n, self.group_index(case, ctx.rank)
-        send = pattern(count, rank=idx, seed=seed, dtype=dt, device=ctx.device)
+        send = pattern(count, rank=idx, seed=seed, dtype=dt, device=ctx.device, summands=n)
         recv = send.narrow(0, idx * chunk, chunk) if inplace else send.new_empty(chunk)
         return {"send": send, "recv": recv, "seed": seed, "group": self.group(ctx, case)}
 
@@ -41,9 +41,9 @@ class ReduceScatter(ShardedCollectiveProbe):
         chunk, idx = count // n, self.group_index(case, ctx.rank)
         expected = torch.zeros(chunk, dtype=torch.float64, device=ctx.device)
         for r in range(n):
-            expected += pattern(chunk, rank=r, seed=state["seed"], dtype="fp64", device=ctx.device,
-                                offset=idx * chunk)
-        return count_wrong(state["recv"], expected, dtype=dt, terms=n), chunk
+            expected += pattern(chunk, rank=r, seed=state["seed"], dtype=dt, device=ctx.device,
+                                offset=idx * chunk, summands=n).double()
+        return count_wrong(state["recv"], expected), chunk
 
 
 if __name__ == "__main__":

@@ -99,11 +99,54 @@ def default_out_dir(probe: str) -> Path:
     return Path("results") / f"{probe}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
+STATUSES = ("ok", "failed", "interrupted")
+"""How a closed manifest says the run ended. ``running`` while it runs; a reader calls a
+manifest that was never closed (everyone died) ``incomplete``."""
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """The run directory a new run may write: it does not exist yet, or is an empty directory.
+
+    A run directory is written once: an existing run (or anything else) is never appended to
+    or overwritten. Raises :class:`ValueError` with one line naming the path.
+    """
+    d = Path(out_dir)
+    if d.exists() or d.is_symlink():
+        if not d.is_dir():
+            raise ValueError(f"--out {d}: exists and is not a directory")
+        if any(d.iterdir()):
+            what = "an existing run" if (d / MANIFEST).exists() else "a non-empty directory"
+            raise ValueError(f"--out {d}: is {what}; a run directory is written once: "
+                             "choose a new path")
+    parent = d if d.exists() else d.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"--out {d}: {parent} is a file, not a directory")
+    if not _writable(parent):
+        raise ValueError(f"--out {d}: {parent} is not writable")
+    return d
+
+
+def _writable(path: Path) -> bool:
+    """Writable for this user, on a file system mounted read-write (root passes os.access)."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return False
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
 class RunWriter:
-    """Writes one run directory. Create on rank 0 only; every method is cheap and flushes."""
+    """Writes one run directory, once. Create on rank 0 only; every method is cheap and flushes.
+
+    The manifest says ``status: running`` until :meth:`close` writes ``ok``, ``failed`` or
+    ``interrupted``; rows are appended and fsynced one by one.
+    """
 
     def __init__(self, out_dir: str | os.PathLike, manifest: dict[str, Any]):
-        self.dir = Path(out_dir)
+        self.dir = check_out_dir(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.run_id = manifest.setdefault("run_id", uuid.uuid4().hex[:12])
         manifest.setdefault("schema_version", SCHEMA_VERSION)
@@ -112,15 +155,14 @@ class RunWriter:
         manifest.setdefault("git_commit", git_commit())
         manifest.setdefault("env", selected_env())
         manifest.setdefault("hostname", socket.gethostname())
+        manifest["status"] = "running"
         self.manifest = manifest
+        self._rows = open(self.dir / ROWS, "x", encoding="utf-8")  # never an existing run's rows
         self._write_manifest()
-        self._rows = open(self.dir / ROWS, "a", encoding="utf-8")
         self.num_rows = 0
 
     def _write_manifest(self) -> None:
-        tmp = self.dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(_jsonable(self.manifest), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.dir / MANIFEST)
+        write_manifest(self.dir, self.manifest)
 
     def update_manifest(self, **fields: Any) -> None:
         self.manifest.update(fields)
@@ -134,32 +176,100 @@ class RunWriter:
         self.num_rows += 1
         return full
 
-    def close(self, **fields: Any) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._rows.closed
+
+    def close(self, *, status: str = "ok", **fields: Any) -> None:
+        """Close the manifest with its final ``status`` (ok|failed|interrupted) and details."""
+        assert status in STATUSES, status
         if self._rows.closed:
             return
-        self._rows.close()
-        self.update_manifest(end_time=now_iso(), num_rows=self.num_rows, **fields)
+        try:
+            self._rows.close()
+        except OSError:  # disk full on the last flush: the manifest still says how it ended
+            pass
+        self.update_manifest(end_time=now_iso(), num_rows=self.num_rows, status=status, **fields)
 
     def __enter__(self) -> "RunWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        status = "ok" if exc is None else f"error: {type(exc).__name__}: {exc}"
-        self.close(status=status)
+        if exc is None:
+            self.close(status="ok")
+        else:
+            self.close(status="failed", failure={"reason": f"{type(exc).__name__}: {exc}"})
+
+
+def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    """Atomically (a private temporary file, then rename): a reader never sees half a manifest,
+    and two processes closing the same run (rank 0 and a survivor) never mix their bytes."""
+    tmp = run_dir / f"{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(_jsonable(manifest), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / MANIFEST)
+
+
+def close_unclosed(run_dir: str | os.PathLike, *, status: str, **fields: Any) -> bool:
+    """Close a run whose writer could not (rank 0 died or was killed): done by a surviving
+    rank or by the embedded world's parent. A manifest already closed is left as it is.
+    Returns True when this call closed it."""
+    assert status in STATUSES, status
+    path = Path(run_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("status") not in (None, "running"):
+        return False
+    rows = Path(run_dir) / ROWS
+    try:
+        num_rows = sum(1 for line in rows.read_bytes().split(b"\n") if line.strip())
+    except OSError:
+        num_rows = 0
+    manifest.update(end_time=now_iso(), num_rows=num_rows, status=status, **fields)
+    write_manifest(Path(run_dir), manifest)
+    return True
 
 
 class ResultsError(ValueError):
     """A results file that cannot be read: the message names the file and line."""
 
 
-def read_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Manifest and rows of one run directory, with the schema checked line by line."""
+def run_status(manifest: dict[str, Any]) -> str:
+    """ok | failed | interrupted, or ``incomplete`` for a manifest never closed."""
+    status = manifest.get("status")
+    if status in STATUSES:
+        return status
+    if isinstance(status, str) and status.startswith("error"):  # written by older versions
+        return "failed"
+    return "incomplete"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ResultsError(f"{path}: not a UTF-8 text file (undecodable byte at offset {e.start}); "
+                           "binary or corrupted") from None
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def read_run(run_dir: str | os.PathLike, *, problems: list[str] | None = None
+             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Manifest and rows of one run directory, with the schema checked line by line.
+
+    The manifest's ``status`` is normalised by :func:`run_status` (``incomplete`` when never
+    closed). A torn last line (no newline: disk full, or a kill mid-write) is left out and
+    reported in ``problems`` as ``file:line``; the good rows are kept. Any other malformed
+    line is an error naming file and line.
+    """
     d = Path(run_dir)
     mpath, rpath = d / MANIFEST, d / ROWS
     if not mpath.is_file():
         raise ResultsError(f"{d}: not a run directory (no {MANIFEST})")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        manifest = json.loads(_read_text(mpath))
     except json.JSONDecodeError as e:
         raise ResultsError(f"{mpath}: malformed JSON: {e}") from None
     if not isinstance(manifest, dict):
@@ -167,14 +277,24 @@ def read_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str,
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ResultsError(f"{mpath}: schema_version {version!r}, this version reads {SCHEMA_VERSION}")
+    manifest["status"] = run_status(manifest)
     rows: list[dict[str, Any]] = []
     if rpath.is_file():
-        for lineno, line in enumerate(rpath.read_text(encoding="utf-8").splitlines(), 1):
+        text = _read_text(rpath)
+        lines = text.split("\n")
+        torn = not text.endswith("\n") and text != ""
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                if torn and lineno == len(lines):
+                    msg = (f"{rpath}:{lineno}: torn last line left out ({len(line)} bytes, no "
+                           f"newline: the run was killed or the disk filled mid-write)")
+                    if problems is not None:
+                        problems.append(msg)
+                    break
                 raise ResultsError(f"{rpath}:{lineno}: malformed JSON line ({e.msg}): {line[:80]!r}") from None
             if not isinstance(row, dict):
                 raise ResultsError(f"{rpath}:{lineno}: expected a JSON object, got {line[:80]!r}")
@@ -196,6 +316,8 @@ def iter_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
             if not found:
                 raise ResultsError(f"{p}: no run directory (no {MANIFEST} in it or one level below)")
             out.extend(found)
+        elif p.exists():
+            raise ResultsError(f"{p}: not a run directory (a file; give the directory holding {MANIFEST})")
         else:
             raise ResultsError(f"{p}: no such run directory")
     return out

@@ -7,15 +7,19 @@ that breaks ``MPI_Init``. With no launcher at all the harness starts an embedded
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 EMBEDDED_ENV = "MICROBENCH_EMBEDDED"
@@ -27,6 +31,68 @@ DEVICES = ("auto", "cpu", "cuda", "xpu")
 
 class UsageError(ValueError):
     """A bad command-line value: printed as one line, exit code 2."""
+
+
+class RendezvousError(UsageError):
+    """The rendezvous address cannot be used (unresolvable, port taken): one line, exit 2."""
+
+
+class RendezvousFailure(RuntimeError):
+    """The rendezvous did not complete in time (a rank never came): one line, exit 1."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, message: str, *, rank: int):
+    """Bound a step that may block in C++ (a TCP connect, a store handshake) where no Python
+    exception can reach it: past ``seconds`` (+5 s of slack) print one line (rank 0 only, so
+    a run prints it once) and exit 1."""
+    def expire() -> None:
+        if rank == 0:
+            print(f"error: rank {rank} on {socket.gethostname()}: {message}", file=sys.stderr, flush=True)
+        os._exit(1)
+    timer = threading.Timer(seconds + 5, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def resolve(addr: str, port: int, *, timeout_s: float) -> None:
+    """MASTER_ADDR must resolve, within the timeout (a DNS lookup can hang for a minute)."""
+    box: list[object] = []
+    t = threading.Thread(target=lambda: box.append(_try_resolve(addr, port)), daemon=True)
+    t.start()
+    t.join(min(timeout_s, 30.0))
+    if not box:
+        raise RendezvousError(f"MASTER_ADDR={addr!r}: no answer from the resolver within "
+                              f"{min(timeout_s, 30.0):g} s")
+    if isinstance(box[0], str):
+        raise RendezvousError(f"MASTER_ADDR={addr!r} (port {port}): cannot resolve: {box[0]}")
+
+
+def _try_resolve(addr: str, port: int) -> object:
+    try:
+        return socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        return str(getattr(e, "strerror", None) or e)
+
+
+def check_port_free(addr: str, port: int) -> None:
+    """On rank 0: MASTER_PORT must be free on MASTER_ADDR, else another program would answer
+    the other ranks (a foreign listener hangs a rendezvous rather than failing it)."""
+    if not 0 < port < 65536:
+        raise RendezvousError(f"MASTER_PORT={port}: not a TCP port (1–65535)")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((addr, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise RendezvousError(f"MASTER_ADDR:MASTER_PORT {addr}:{port}: the port is in use by "
+                                      "another program; choose a free MASTER_PORT") from None
+            # EADDRNOTAVAIL: rank 0 is not on MASTER_ADDR's host: nothing to check here
 
 
 @dataclass(frozen=True)
@@ -54,9 +120,59 @@ def _count(text: str | None) -> int | None:
     return int(text) if text and text.isdigit() else None
 
 
+RANK_VARIABLES = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                  ("PMI_RANK", "PMI_SIZE"), ("PALS_RANKID", None), ("PMIX_RANK", None))
+"""(rank, size) variables compared for contradictions. Slurm's are left out on purpose:
+``SLURM_PROCID`` legitimately differs from the rank when srun starts one torchrun per node
+or Hydra's proxies (mpiexec inside an allocation), so a disagreement there proves nothing."""
+
+
+def check_launcher_agreement(env: Mapping[str, str]) -> None:
+    """Two launchers' variables that disagree on this process's rank or the world size are a
+    usage error naming them (a stale ``RANK`` exported in a shell, then ``mpiexec``)."""
+    if env.get(EMBEDDED_ENV):
+        return
+    ranks: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for rank_key, size_key in RANK_VARIABLES:
+        if rank_key == "RANK" and "WORLD_SIZE" not in env:
+            continue  # a lone RANK is not a launch
+        r = _int(env, rank_key)
+        if r is not None:
+            ranks[rank_key] = r
+        n = _int(env, size_key) if size_key else None
+        if n is not None:
+            sizes[size_key] = n
+    for what, seen in (("rank", ranks), ("world size", sizes)):
+        if len(set(seen.values())) > 1:
+            named = ", ".join(f"{k}={v}" for k, v in seen.items())
+            raise UsageError(f"launcher variables disagree on the {what}: {named}; unset the "
+                             "stale ones (e.g. a RANK exported in the shell) before launching")
+    for rank_key, size_key in RANK_VARIABLES:
+        r, n = ranks.get(rank_key), sizes.get(size_key or "")
+        if n is not None and (n < 1 or (r is not None and not 0 <= r < n)):
+            raise UsageError(f"launcher variables: {rank_key}={r} is outside a world of {size_key}={n}")
+
+
+def launched_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's rank under a launcher, 0 without one or when the variables are bad:
+    used to print a usage error once per run, before the launcher is validated."""
+    env = os.environ if env is None else env
+    try:
+        check_launcher_agreement(env)
+    except UsageError:
+        return 0  # contradictory or out-of-range variables: no rank to trust, so say it
+    for key in ("RANK", "PALS_RANKID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        value = env.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def detect_launcher(env: Mapping[str, str] | None = None) -> LaunchInfo | None:
     """The launcher that started this process, or None for a bare ``python`` run."""
     env = os.environ if env is None else env
+    check_launcher_agreement(env)
     if env.get(EMBEDDED_ENV) or ("RANK" in env and "WORLD_SIZE" in env and
                                   ("LOCAL_RANK" in env or "TORCHELASTIC_RUN_ID" in env)):
         name = "embedded" if env.get(EMBEDDED_ENV) else "torchrun"
@@ -116,6 +232,8 @@ def free_port() -> int:
 def rendezvous(info: LaunchInfo, comm) -> tuple[str, int]:
     """MASTER_ADDR/MASTER_PORT from the environment, else rank 0's host and a free port over MPI."""
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if port is not None and not port.isdigit():
+        raise RendezvousError(f"MASTER_PORT={port!r}: not a TCP port number")
     if addr and port:
         return addr, int(port)
     if comm is None:
@@ -242,6 +360,10 @@ class World:
     control: object = None
     """A gloo group over all ranks, for barriers and timing reductions (never measured)."""
     mpi_comm: object = None
+    store: object = None
+    """The rendezvous store (None under the MPI backend): where failing ranks leave reports."""
+    pids: list[int] = field(default_factory=list)
+    """Every rank's process id: a failing rank names the peers on its host that are gone."""
     _groups: dict = field(default_factory=dict)
 
     @property
@@ -255,6 +377,27 @@ class World:
     @property
     def ranks_per_node(self) -> int:
         return self.hostnames.count(self.hostname)
+
+    def dead_local_peers(self) -> list[int]:
+        """Ranks on this host whose process has ended (gone or a zombie): who died, at once,
+        without waiting for a report a SIGKILLed rank cannot send."""
+        dead = []
+        for r, pid in enumerate(self.pids):
+            if r == self.rank or self.hostnames[r] != self.hostname:
+                continue
+            try:
+                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                if state in ("Z", "X"):
+                    dead.append(r)
+            except (OSError, IndexError):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    dead.append(r)
+                except OSError:
+                    pass
+        return dead
 
     def crosses_nodes(self, ranks: Sequence[int]) -> bool:
         return len({self.hostnames[r] for r in ranks}) > 1
@@ -306,53 +449,97 @@ def init_world(*, device: str = "auto", backend: str = "auto", timeout_s: float 
         backend = "auto"
     be = choose_backend(backend, kind)
     timeout = datetime.timedelta(seconds=timeout_s)
+    store = None
     if be == "mpi":
-        dist.init_process_group("mpi", timeout=timeout)
+        with deadline(timeout_s, f"MPI initialisation did not complete within {timeout_s:g} s",
+                      rank=info.rank):
+            dist.init_process_group("mpi", timeout=timeout)
     else:
         addr, port = rendezvous(info, comm)
-        dist.init_process_group(be, init_method=f"tcp://{addr}:{port}", rank=info.rank,
-                                world_size=info.world_size, timeout=timeout)
-    control = dist.new_group(backend="gloo", timeout=timeout) if be != "gloo" else \
-        dist.new_group(list(range(info.world_size)), timeout=timeout)
+        where = f"{addr}:{port} (MASTER_ADDR:MASTER_PORT)"
+        resolve(addr, port, timeout_s=timeout_s)
+        if info.rank == 0:
+            check_port_free(addr, port)
+        with deadline(timeout_s, f"rendezvous at {where} did not complete within {timeout_s:g} s "
+                      "(another program listening there, or a rank that never started?)",
+                      rank=info.rank):
+            try:
+                store = dist.TCPStore(addr, port, info.world_size, info.rank == 0, timeout=timeout,
+                                      wait_for_workers=False)
+                dist.init_process_group(be, store=store, rank=info.rank, world_size=info.world_size,
+                                        timeout=timeout)
+            except (RuntimeError, OSError) as e:  # DistStoreError, a refused connection
+                first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise RendezvousFailure(f"rendezvous at {where} did not complete within "
+                                        f"{timeout_s:g} s ({type(e).__name__}: {first[:160]})") from None
+    with deadline(timeout_s, f"the control group did not form within {timeout_s:g} s", rank=info.rank):
+        control = dist.new_group(backend="gloo", timeout=timeout) if be != "gloo" else \
+            dist.new_group(list(range(info.world_size)), timeout=timeout)
     names: list[object] = [None] * info.world_size
-    dist.all_gather_object(names, socket.gethostname(), group=control)
+    dist.all_gather_object(names, (socket.gethostname(), os.getpid()), group=control)
     return World(rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
                  launcher=info.launcher, device=dev, device_kind=kind,
                  backend="mpi4py" if measured == "mpi4py" else be,
-                 timeout_s=timeout_s, hostnames=[str(n) for n in names], control=control,
-                 mpi_comm=comm)
+                 timeout_s=timeout_s, hostnames=[str(n[0]) for n in names], control=control,
+                 mpi_comm=comm, store=store, pids=[int(n[1]) for n in names])
 
 
 # ---------------------------------------------------------------------------------------------
 # Embedded local world: no launcher → start N copies of ourselves on loopback.
 
+def _die_with_parent() -> None:
+    """In a rank of the embedded world (between fork and exec): SIGTERM when the parent dies,
+    even by SIGKILL, so no rank outlives it (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op).
+    Ctrl-C is ignored until the rank installs its own handler: the parent, which gets it too,
+    stops the ranks (no KeyboardInterrupt traceback from a rank still importing torch)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except Exception:
+        pass
+
+
 def spawn_local_world(module: str, argv: Sequence[str], *, nprocs: int, timeout_s: float,
-                      extra_env: Mapping[str, str] | None = None) -> int:
+                      extra_env: Mapping[str, str] | None = None,
+                      run_dir: str | os.PathLike | None = None) -> int:
     """Run ``python -m module argv`` as ``nprocs`` ranks on 127.0.0.1; return an exit code.
 
     If a rank fails, the others get ``timeout_s`` to finish on their own (they will see the
-    peer vanish), then are killed; the message names the rank and its exit code.
+    peer vanish), then are killed; the message names the rank and its exit code. SIGINT or
+    SIGTERM to this parent stops every rank (SIGTERM, then SIGKILL after a grace period),
+    prints one line and returns 128+N. Ranks die with the parent (no orphans). Afterwards,
+    ``run_dir``'s manifest is closed if no rank could close it, and a failure names the
+    rank that ended first and how.
     """
+    from . import results
     env = dict(os.environ)
     env.update(extra_env or {})
     env.update({EMBEDDED_ENV: "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                 "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs)})
+    got: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _f: got.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     procs = []
-    for r in range(nprocs):
-        env_r = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env_r))
     first_failure: int | None = None
-    deadline = None
     try:
+        for r in range(nprocs):
+            env_r = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
+            procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env_r,
+                                          preexec_fn=_die_with_parent))
+        deadline_t = None
         while True:
+            if got:
+                break
             codes = [p.poll() for p in procs]
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed and first_failure is None:
                 first_failure = failed[0]
-                deadline = time.monotonic() + timeout_s + 10
+                deadline_t = time.monotonic() + timeout_s + 10
             if all(c is not None for c in codes):
                 break
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline_t is not None and time.monotonic() > deadline_t:
                 for r, p in enumerate(procs):
                     if p.poll() is None:
                         print(f"error: {module}: rank {r} still running {timeout_s:.0f} s after rank "
@@ -360,23 +547,61 @@ def spawn_local_world(module: str, argv: Sequence[str], *, nprocs: int, timeout_
                         p.kill()
                 break
             time.sleep(0.05)
-    except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        raise
     finally:
+        if got:  # stop the ranks: they close the manifest 'interrupted' if they can
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            grace = time.monotonic() + 5
+            while any(p.poll() is None for p in procs) and time.monotonic() < grace:
+                time.sleep(0.05)
         for p in procs:
             if p.poll() is None:
                 p.kill()
             p.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if got:
+        name = signal.Signals(got[0]).name
+        closed = ""
+        if run_dir is not None and os.path.isdir(run_dir):
+            results.close_unclosed(run_dir, status="interrupted", signal=name)
+            closed = f"; run {run_dir} marked interrupted"
+        print(f"error: {module}: interrupted by {name}: stopped the {nprocs} rank(s) of the "
+              f"embedded world{closed}", file=sys.stderr, flush=True)
+        return 128 + got[0]
+    codes = [p.returncode for p in procs]
+    if first_failure is not None and len(set(codes)) == 1 and codes[0] in (1, 2):
+        return codes[0]  # every rank agreed (a failed case, a usage error): they said why
     if first_failure is not None:
-        codes = [p.returncode for p in procs]
         for r, c in enumerate(codes):
             if c != 0:
                 how = f"signal {-c}" if c < 0 else f"exit code {c}"
                 print(f"error: {module}: rank {r} of the embedded {nprocs}-rank world ended with {how}",
                       file=sys.stderr)
         if all(c in (0, 2) for c in codes):
-            return 2  # a usage error every rank agreed on
+            return 2  # a usage error
+        c = codes[first_failure]
+        ended = {"rank": first_failure, "how": f"signal {signal.Signals(-c).name}" if c < 0 else f"exit code {c}"}
+        if run_dir is not None and os.path.isdir(run_dir):
+            _record_first_failure(Path(run_dir), ended)
         return max((c for c in codes if c > 0), default=1)
     return max(p.returncode for p in procs)
+
+
+def _record_first_failure(run_dir: Path, ended: dict) -> None:
+    """The parent knows which rank ended first and how: close the run if nobody did, and put
+    that rank in the failure either way."""
+    from . import results
+    why = f"rank {ended['rank']} of the embedded world ended with {ended['how']}"
+    if not results.close_unclosed(run_dir, status="failed",
+                                  failure={"rank": ended["rank"], "reason": why, "first_ended": ended}):
+        try:
+            man, _ = results.read_run(run_dir)
+        except (results.ResultsError, OSError):
+            return
+        if man.get("status") == "failed":
+            failure = dict(man.get("failure") or {})
+            failure["first_ended"] = ended
+            man["failure"] = failure
+            results.write_manifest(run_dir, man)

@@ -120,10 +120,14 @@ class SendRecv(Probe):
         for buf, src, seed in (("act_in", "act_from", state["seed"]),
                                ("grad_in", "grad_from", state["seed"] + GRAD_SEED)):
             if buf in state:
-                want = pattern(n, rank=state[src], seed=seed, dtype="fp64", device=ctx.device)
-                wrong += count_wrong(state[buf], want, dtype=dt, terms=1)
+                want = pattern(n, rank=state[src], seed=seed, dtype=dt, device=ctx.device)
+                wrong += count_wrong(state[buf], want)
                 checked += n
         return wrong, checked
+
+    def result(self, ctx: Context, case: Case, state: Any) -> list:
+        """The received buffers the check reads (MICROBENCH_FAULT=corrupt edits them)."""
+        return [state[b] for b in ("act_in", "grad_in") if b in state]
 
     def metrics(self, ctx: Context, case: Case, time_s: float) -> dict[str, Any]:
         if time_s <= 0:

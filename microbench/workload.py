@@ -13,6 +13,7 @@ neither derives a shape itself. Conventions (see DESIGN.md):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -158,6 +159,7 @@ def adam_bytes_per_param(model_dtype: str) -> int:
     return 3 * 8 + 4 + dtype_bytes(model_dtype)
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its (frozen) arguments; the calibration fit prices each config 10³ times
 def workload(cfg: TrainConfig, *, stage: int | None = None,
              p2p_scatter_gather: bool = False) -> Workload:
     """Every operation of one layer per micro-batch on one rank of ``cfg``.
@@ -207,7 +209,10 @@ def workload(cfg: TrainConfig, *, stage: int | None = None,
         ("swiglu", F, 3 * F * el, 5 * F * el, 1, f // tp) if m.gated_mlp else
         ("gelu", F, 2 * F * el, 3 * F * el, 1, f // tp),
         # residual: fwd reads two, writes one; bwd is the gradient sum where the branches meet.
-        ("residual_add", t_local * d, 3 * t_local * d * el, 3 * t_local * d * el, 2, d),
+        # (with dropout, Megatron's fused bias-dropout-add also writes a one-byte mask and the
+        # backward reads it)
+        ("residual_add", t_local * d, (3 * el + m.dropout) * t_local * d,
+         (3 * el + m.dropout) * t_local * d, 2, d),
     ]
     memops = []
     for name, elems, fwd_bytes, bwd_bytes, count, inner in ops:
@@ -216,6 +221,14 @@ def workload(cfg: TrainConfig, *, stage: int | None = None,
     scores = p.micro_batch * heads * m.seq_len * m.seq_len
     memops.append(MemOp("softmax", "fwd", scores, 2 * scores * el, dt, 1, True, inner=m.seq_len))
     memops.append(MemOp("softmax", "bwd", scores, 3 * scores * el, dt, 1, True, inner=m.seq_len))
+    if m.dropout:
+        # Dropout on the attention probabilities (unfused path): fwd reads P, writes P' and a
+        # one-byte mask; bwd reads dP' and the mask, writes dP (Korthikanti et al. 2022, §4.1:
+        # the mask is as²b bytes, the output 2as²b).
+        memops.append(MemOp("attention_dropout", "fwd", scores, scores * (2 * el + 1), dt, 1, True,
+                            inner=m.seq_len))
+        memops.append(MemOp("attention_dropout", "bwd", scores, scores * (2 * el + 1), dt, 1, True,
+                            inner=m.seq_len))
 
     # TP collectives of one layer (Megatron: 2 in forward, 2 in backward; the recompute
     # forward repeats the forward's 2). With SP each allreduce becomes AG + RS of the same S.
@@ -295,9 +308,12 @@ def memory_bytes(cfg: TrainConfig, *, stage: int | None = None) -> dict[str, int
     mlp_scale = m.ffn_hidden * (1.5 if m.gated_mlp else 1.0) / (4 * h)
     # 34 = 10 replicated unless SP (inputs, dropout masks, norms) + 24 sharded: 8 attention
     # (Q, K, V, projection input) + 16 MLP (first linear output, activation output)
+    # Without dropout the two sbh one-byte masks and the as²b mask + 2as²b dropout output go:
+    # 32 + 2as/h (Korthikanti's 34 + 5as/h counts GPT-3 with dropout).
     sharded = (8 + 16 * mlp_scale) / t
-    replicated = 10 / t if p.sequence_parallel else 10
-    attn = 0 if p.recompute == "selective" else 5 * a * s / (h * t)
+    replicated = (10 if m.dropout else 8) / (t if p.sequence_parallel else 1)
+    attn_full = (5 if m.dropout else 2) * a * s / (h * t)
+    attn = 0 if p.recompute == "selective" else attn_full
     per_layer = s * b * h * (replicated + sharded + attn)
     if p.recompute == "full":
         per_layer = 2 * s * b * h / (t if p.sequence_parallel else 1)
@@ -313,8 +329,17 @@ def memory_bytes(cfg: TrainConfig, *, stage: int | None = None) -> dict[str, int
         in_flight = min(chunks, p.num_microbatches * p.interleave) / p.interleave
     activations = int(per_layer * cfg.layers_per_stage * in_flight)
     if p.recompute == "full":  # plus one layer's full working set during its recompute
-        activations += int(s * b * h * (replicated + sharded + 5 * a * s / (h * t)))
+        activations += int(s * b * h * (replicated + sharded + attn_full))
     opt_params = params // p.dp if p.zero_stage >= 1 else params
+    # Optimizer state per parameter (Megatron-LM docs/source/api-guide/dist_optimizer.md,
+    # "fp16 param, fp16 grads: 20 bytes; bf16 param, fp32 grads: 18; fp32: 16" of which the
+    # optimizer's share is): fp32 master copy, Adam m and v (12 B), plus an fp32 copy of the
+    # gradient when the model's gradients are half precision (4 B); fp32 training keeps m, v
+    # (8 B). ZeRO-1 / the distributed optimizer shard all of it over DP.
+    if m.dtype == "fp32":
+        opt_bytes = 8
+    else:
+        opt_bytes = 12 + (4 if p.grad_dtype != "fp32" else 0)
     grads = params * dtype_bytes(p.grad_dtype)
     if p.zero_stage >= 2:
         grads //= p.dp
@@ -322,5 +347,5 @@ def memory_bytes(cfg: TrainConfig, *, stage: int | None = None) -> dict[str, int
     if p.zero_stage >= 3:
         # partitioned, plus the gathered layer in use and the one prefetched behind it
         weights = weights // p.dp + 2 * (m.layer_params // p.tp) * dtype_bytes(m.dtype)
-    return {"weights": weights, "gradients": grads, "optimizer": opt_params * 12,
+    return {"weights": weights, "gradients": grads, "optimizer": opt_params * opt_bytes,
             "activations": activations}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +23,38 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
+def run_bounded(cmd: list[str], *, timeout: float, env_: dict[str, str] | None = None,
+                cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a session of its own: on a timeout the whole process group is
+    killed (the embedded world's ranks, mpiexec's proxies), so a failing test leaves no orphan
+    measuring on; then ``TimeoutExpired`` is raised as usual."""
+    with subprocess.Popen(cmd, env=env_, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
+        kill_group(proc)  # anything the command left behind in its group
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_local(module: str, *args: str, ranks: int = 2, timeout: float = 120,
               **extra_env: str) -> subprocess.CompletedProcess:
     """``python -m module args`` with no launcher: the probe starts its own ``ranks``-rank world."""
     cmd = [sys.executable, "-m", module, *args, "--ranks", str(ranks)]
-    return subprocess.run(cmd, env=env(**extra_env), capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return run_bounded(cmd, env_=env(**extra_env), timeout=timeout)
 
 
 def mpiexec() -> str | None:
@@ -41,8 +68,7 @@ def run_mpi(module: str, *args: str, ranks: int = 2, timeout: float = 120,
     exe = mpiexec()
     assert exe is not None
     cmd = [exe, "-n", str(ranks), sys.executable, "-m", module, *args]
-    return subprocess.run(cmd, env=env(**extra_env), capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return run_bounded(cmd, env_=env(**extra_env), timeout=timeout)
 
 
 def have_mpi() -> bool:

@@ -1,53 +1,181 @@
-"""Calibration: recovers a known knob from synthetic step times; vTrain data when present."""
+"""Calibration: out-of-sample error only, knobs that mean something, files that say where
+every number comes from. vTrain tests skip when ../shared is absent."""
 import csv
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
-from analysis.calibrate import Case, calibrate, errors, main, read_cases, summary
+from analysis.calibrate import KNOBS, Case, Knob, cross_validate, fit, main, read_cases, summary, errors
 from analysis.predict import predict
-from analysis.profile import SpecProfile
-from microbench.config import preset, with_layout
+from analysis.profile import SYSTEMS_DIR, SpecProfile
+from microbench.config import ModelConfig, ParallelConfig, TrainConfig
 
 VTRAIN = Path(__file__).resolve().parents[2] / "shared" / "validation" / "vtrain_ground_truth_multi.csv"
+needs_vtrain = pytest.mark.skipif(not VTRAIN.is_file(), reason="../shared/validation absent")
+A100_FILES = ("dgx-a100-80gb", "dgx-a100-40gb", "polaris")
+GEMM = Knob("efficiency.gemm_max", 0.5, 0.95, 0.80, "test", tied=("efficiency.attention",))
+MEMOP = Knob("efficiency.memop", 0.2, 1.0, 0.80, "test")
 
 
-def test_recovers_gemm_efficiency_from_synthetic_times():
-    truth = SpecProfile.from_yaml("dgx-h100").with_knobs({"efficiency.gemm_max": 0.55})
-    cfgs = [with_layout(preset("llama2-7b"), tp=tp, dp=8 // tp, micro_batch=1, global_batch=16) for tp in (1, 2, 4)]
-    cases = [Case(c, predict(c, truth).step_time_s) for c in cfgs]
-    start = SpecProfile.from_yaml("dgx-h100")
-    fitted, knobs, rep = calibrate(start, cases, knobs=(("efficiency.gemm_max", 0.2, 0.9),), max_evals=60)
-    assert knobs["efficiency.gemm_max"] == pytest.approx(0.55, abs=0.01)
-    assert rep["after"]["mape"] < 0.005 < rep["before"]["mape"]
+def _cfg(hidden: int, layers: int, *, tp: int = 1, dp: int = 8, mbs: int = 1) -> TrainConfig:
+    model = ModelConfig(num_layers=layers, hidden=hidden, num_heads=hidden // 128, ffn_hidden=4 * hidden,
+                        gated_mlp=False, seq_len=2048, vocab_size=51200, norm="layernorm", dtype="fp16",
+                        dropout=True)
+    par = ParallelConfig(tp=tp, dp=dp, micro_batch=mbs, global_batch=8 * dp, recompute="full", ranks_per_node=8)
+    return TrainConfig(model=model, parallel=par)
 
 
-def test_reads_project_csv_and_reports(tmp_path, capsys):
-    path = tmp_path / "runs.csv"
+def _synthetic(truth: SpecProfile, *, corrupt_size: str | None = None, factor: float = 1.0) -> list[Case]:
+    """Step times from a known profile, four model sizes × three layouts."""
+    cases = []
+    for h, L in ((1024, 8), (2048, 8), (3072, 4), (4096, 4)):
+        for tp, mbs in ((1, 1), (2, 2), (4, 1)):
+            cfg = _cfg(h, L, tp=tp, dp=8 // tp, mbs=mbs)
+            size = f"{cfg.model.num_params / 1e9:.1f}B"
+            t = predict(cfg, truth).step_time_s * (factor if size == corrupt_size else 1.0)
+            cases.append(Case(cfg, t, size))
+    return cases
+
+
+def test_recovers_known_knobs_from_synthetic_times():
+    truth = SpecProfile.from_yaml("dgx-h100").with_knobs({"efficiency.gemm_max": 0.62, "efficiency.attention": 0.62,
+                                                          "efficiency.memop": 0.45})
+    _, values = fit(SpecProfile.from_yaml("dgx-h100"), _synthetic(truth), knobs=(GEMM, MEMOP), max_nfev=40)
+    assert values["efficiency.gemm_max"] == pytest.approx(0.62, abs=0.01)
+    assert values["efficiency.memop"] == pytest.approx(0.45, abs=0.02)
+
+
+def test_out_of_sample_error_exposes_a_size_the_fit_cannot_explain():
+    """Corrupt one model size's times by 1.5×: the fold that leaves it out must show ~33 %
+    error on it, far more than any clean size shows out of sample."""
+    truth = SpecProfile.from_yaml("dgx-h100").with_knobs({"efficiency.gemm_max": 0.62, "efficiency.attention": 0.62})
+    cases = _synthetic(truth)
+    bad = cases[0].size
+    cases = _synthetic(truth, corrupt_size=bad, factor=1.5)
+    rep = cross_validate(SpecProfile.from_yaml("dgx-h100"), cases, cv="model", knobs=(GEMM,), max_nfev=20)
+    by = {r["size"]: r["out_of_sample"]["mape"] for r in rep["by_model_size"]}
+    assert by[bad] > 0.25
+    assert by[bad] > 2 * max(v for s, v in by.items() if s != bad)
+    assert rep["out_of_sample"]["n"] == len(cases) and len(rep["folds"]) == 4
+
+
+def test_kfold_holds_every_row_out_once_with_a_fixed_seed():
+    truth = SpecProfile.from_yaml("dgx-h100")
+    cases = _synthetic(truth)
+    a = cross_validate(truth, cases, cv="kfold", knobs=(GEMM,), max_nfev=5)
+    b = cross_validate(truth, cases, cv="kfold", knobs=(GEMM,), max_nfev=5)
+    assert sum(f["n_test"] for f in a["folds"]) == len(cases)
+    assert [f["knobs"] for f in a["folds"]] == [f["knobs"] for f in b["folds"]]
+
+
+def _write_project_csv(path: Path, *, time_col: str = "step_time_s", t: float = 0.05) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["layers", "hidden", "heads", "ffn", "seq", "vocab", "tp", "pp", "dp", "mbs", "gbs", "step_time_s"])
-        w.writerow([4, 1024, 16, 4096, 1024, 32000, 2, 1, 4, 1, 8, 0.05])
-        w.writerow([4, 1024, 16, 4096, 1024, 32000, 1, 2, 4, 1, 16, 0.09])
+        w.writerow(["layers", "hidden", "heads", "ffn", "seq", "vocab", "tp", "pp", "dp", "mbs", "gbs", time_col])
+        w.writerow([4, 1024, 16, 4096, 1024, 32000, 2, 1, 4, 1, 8, t])
+        w.writerow([4, 1024, 16, 4096, 1024, 32000, 1, 2, 4, 1, 16, 2 * t])
+
+
+def test_score_prints_one_json_object_for_the_project_format(tmp_path, capsys):
+    path = tmp_path / "runs.csv"
+    _write_project_csv(path, time_col="elapsed_ms", t=50.0)
     cases = read_cases(path)
-    assert len(cases) == 2 and cases[0].cfg.parallel.recompute == "full"
-    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--max-evals", "20"]) == 0
-    out = capsys.readouterr().out
-    assert "before: MAPE" in out and "after:  MAPE" in out
+    assert cases[0].step_time_s == pytest.approx(0.05) and cases[0].cfg.parallel.recompute == "full"
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"mape", "max_error", "n"} and out["n"] == 2
 
 
-def test_bad_csv(tmp_path, capsys):
+def test_bad_csv_is_one_line_naming_file_line_and_column(tmp_path, capsys):
     path = tmp_path / "bad.csv"
     path.write_text("layers,hidden\n4,1024\n")
-    assert main(["--system", "dgx-a100-80gb", "--data", str(path)]) == 2
-    assert "missing column" in capsys.readouterr().err
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}:2" in err and "'heads'" in err
+    _write_project_csv(path)
+    path.write_text(path.read_text().replace("0.05", "fast"))
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path}:2" in err and "'step_time_s'" in err and "'fast'" in err
+    path.write_text(path.read_text().replace("fast", "nan"))
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 2
+    assert "'step_time_s'" in capsys.readouterr().err
     assert main(["--system", "dgx-a100-80gb", "--data", str(tmp_path / "none.csv")]) == 2
 
 
-@pytest.mark.skipif(not VTRAIN.is_file(), reason="../shared/validation absent")
+# ---------------------------------------------------------------------------------------------
+# The shipped files
+
+def _spec(name: str) -> dict:
+    return yaml.safe_load((SYSTEMS_DIR / f"{name}.yaml").read_text())
+
+
+def test_a100_files_share_one_set_of_compute_knobs():
+    """One device, one set of compute knobs: the files differ only in memory, HBM, node, network."""
+    specs = {n: _spec(n) for n in A100_FILES}
+    eff = {n: s["efficiency"] for n, s in specs.items()}
+    assert eff["dgx-a100-40gb"] == eff["dgx-a100-80gb"] == eff["polaris"]
+    peaks = {n: s["device"]["peak_tflops"] for n, s in specs.items() if "device" in s and "peak_tflops" in s["device"]}
+    assert len({json.dumps(p, sort_keys=True) for p in peaks.values()}) <= 1
+
+
+def _leaves(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out += _leaves(v, key + ".") if isinstance(v, dict) else [key]
+    return out
+
+
+@pytest.mark.parametrize("name", A100_FILES)
+def test_every_number_in_the_a100_files_has_a_source(name):
+    spec = _spec(name)
+    prov = spec.get("provenance") or {}
+    body = {k: v for k, v in spec.items() if k not in ("provenance", "calibration", "name")}
+    missing = [k for k in _leaves(body) if isinstance(_get(spec, k), (int, float, list)) and k != "device.dtype"
+               and not any(k == p or k.startswith(p + ".") for p in prov)]
+    assert not missing, f"{name}: no provenance for {missing}"
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+@pytest.mark.parametrize("name", ("dgx-a100-80gb", "dgx-a100-40gb"))
+def test_fitted_knobs_carry_their_out_of_sample_error_and_data(name):
+    cal = _spec(name).get("calibration")
+    assert cal, f"{name}: no calibration record"
+    assert "vtrain_ground_truth_multi.csv" in cal["data"] and cal["cv"] == "model"
+    assert {"mape", "max_error", "n"} <= set(cal["out_of_sample"])
+    # a file whose compute knobs are another file's says so, and carries that file's values
+    source = cal["shared_from"].split(":")[0] if "shared_from" in cal else name
+    fitted = _spec(source)["calibration"]["knobs"]
+    for k in KNOBS:
+        assert k.key in cal["knobs"] and {"value", "fold_min", "fold_max", "spread"} <= set(cal["knobs"][k.key])
+        assert _get(_spec(name), k.key) == pytest.approx(fitted[k.key]["value"])
+        assert cal["knobs"][k.key]["spread"] <= 0.25 and cal["knobs"][k.key]["at_bound"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The vTrain measurements
+
+@needs_vtrain
 @pytest.mark.parametrize("system", ["dgx-a100-80gb", "dgx-a100-40gb"])
-def test_committed_a100_calibration_within_10_percent_on_vtrain(system):
+def test_out_of_sample_error_on_vtrain_by_model_size(system):
+    """Leave one model size out: the refitted knobs predict the size they never saw. The fit
+    is capped at 12 evaluations per fold to keep the test at ~10 s (it converges in fewer on
+    these data; the CLI runs to convergence)."""
     cases = read_cases(VTRAIN)
-    assert len(cases) == 109
-    s = summary(errors(SpecProfile.from_yaml(system), cases))
-    assert s["mape"] <= 0.10
+    assert len(cases) == 109 and len({c.size for c in cases}) == 4
+    rep = cross_validate(SpecProfile.from_yaml(system), cases, cv="model", max_nfev=12)
+    oos = rep["out_of_sample"]
+    assert oos["n"] == 109
+    assert oos["mape"] < rep["uncalibrated"]["mape"]
+    assert oos["mape"] <= 0.085  # measured 7.9 % (80 GB) / see README; issue 13 asks ≤ 7 %
+    assert all(r["out_of_sample"]["mape"] <= 0.10 for r in rep["by_model_size"])
+    assert all(k["stable"] and k["at_bound"] is None for k in rep["knobs"].values())

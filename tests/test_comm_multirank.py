@@ -1,7 +1,6 @@
 """Real 2- and 4-rank runs of the communication probes (gloo on loopback): pipeline pairs
 of tp2×pp2 in both directions, DP groups at once, ZeRO-1 moving the bytes of an allreduce,
 the sequence-parallel collectives' factors, the overlap summary, and the mpi4py path."""
-import math
 
 import pytest
 
@@ -91,12 +90,16 @@ def test_overlap_reports_exposed_fraction_with_components(tmp_path):
     s = df.iloc[-1]
     e = s.extra
     assert s.kind == "overlap" and s.exposed_fraction == e["exposed_fraction"]
-    assert e["exposed_fraction"] == pytest.approx(
-        (e["time_us_both"] - e["time_us_gemm_alone"]) / e["time_us_coll_alone"])
+    # the summary is built from the three measured rows above it (not from other timings)
+    t = dict(zip(df.variant[:3], df.time_us[:3]))
+    assert (e["time_us_gemm_alone"], e["time_us_coll_alone"], e["time_us_both"]) == \
+        (t["gemm_alone"], t["collective_alone"], t["both"])
+    assert s.exposed_fraction == pytest.approx((t["both"] - t["gemm_alone"]) / t["collective_alone"])
     assert e["collective"] == {"name": "dp_allreduce", "bytes": TINY_PARAMS * 4}
     assert [g["name"] for g in e["gemm"]] == ["fc2.dgrad", "fc2.wgrad", "fc1.dgrad", "fc1.wgrad"]
-    # [0, 1] up to noise: on two shared CPU cores the overlapped run can be slower than serial
-    assert math.isfinite(e["exposed_fraction"]) and -1.0 < e["exposed_fraction"] < 4.0
+    # only the cases with a collective are checked: the whole fp32 gradient bucket on 2 ranks
+    checked = dict(zip(df.variant[:3], df.num_checked[:3]))
+    assert checked == {"gemm_alone": 0, "collective_alone": 2 * TINY_PARAMS, "both": 2 * TINY_PARAMS}
     assert (df.num_wrong.fillna(0) == 0).all()
 
 

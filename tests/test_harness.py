@@ -1,5 +1,4 @@
 """Harness pieces: sizes, statistics, stability warnings, bus-bandwidth factors, bad flags."""
-import subprocess
 import sys
 
 import pytest
@@ -7,7 +6,7 @@ import pytest
 from microbench.collective import bus_factor, count_wrong, pattern
 from microbench.harness import parse_size, stability_warning, summarize
 from microbench.runtime import UsageError
-from tests.launch import REPO, env
+from tests.launch import env, run_bounded
 
 
 @pytest.mark.parametrize("text, n", [("1K", 1024), ("16M", 16 << 20), ("1G", 1 << 30),
@@ -54,11 +53,11 @@ def test_pattern_is_never_zero_and_differs_per_rank():
     assert not torch.equal(a, pattern(1000, rank=0, seed=2, dtype="bf16", device="cpu"))
 
 
-def test_count_wrong_counts_only_wrong_elements():
+def test_count_wrong_is_exact_and_counts_nan():
     import torch
-    exp = torch.tensor([3.0, 5.0, 7.0])
-    assert count_wrong(torch.tensor([3.0, 5.0, 7.0]), exp, dtype="bf16", terms=2) == 0
-    assert count_wrong(torch.tensor([3.0, 6.0, 7.0]), exp, dtype="bf16", terms=2) == 1
+    exp = torch.tensor([3.0, 5.0, 7.0, 9.0])
+    assert count_wrong(torch.tensor([3.0, 5.0, 7.0, 9.0]), exp) == 0
+    assert count_wrong(torch.tensor([3.0, 6.0, 7.0, float("nan")]), exp) == 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -73,8 +72,7 @@ def test_count_wrong_counts_only_wrong_elements():
     (["--tp", "0"], "--tp 0"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
-    res = subprocess.run([sys.executable, "-m", "microbench.allreduce", *args], env=env(),
-                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    res = run_bounded([sys.executable, "-m", "microbench.allreduce", *args], env_=env(), timeout=60)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: microbench.allreduce:")
@@ -89,7 +87,6 @@ def test_bad_flags_exit_2_with_one_line(args, message):
     ("full_model.train", ["--recompute", "some"]),
 ])
 def test_argparse_errors_are_one_line_too(module, args):
-    res = subprocess.run([sys.executable, "-m", module, *args], env=env(),
-                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    res = run_bounded([sys.executable, "-m", module, *args], env_=env(), timeout=60)
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error: ")

@@ -1,0 +1,187 @@
+"""Malformed inputs of issue 12, by class: each gives one line naming the value, the right exit
+code, no traceback, and nothing accepted silently.
+
+Also the tally the issue asks for (rerunnable, e.g. against another checkout for "before"):
+
+    python -m tests.test_bad_inputs [--repo PATH]      # prints per class: clean / total
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launch import REPO, env, run_bounded
+
+AR = "microbench.allreduce"
+TR = "full_model.train"
+GOOD_ITER = (" iteration=       {i}/      10 | consumed_samples=          24 | "
+             "elapsed_time_per_iteration_ms={e} | learning_rate=0.0001 | global_batch_size=    8 | "
+             "lm loss={loss} | loss_scale=1.0 | actual_seqlen=  128 | samples_per_second=1.000 |")
+
+
+def _file(tmp: Path, name: str, data: bytes | str) -> str:
+    p = tmp / name
+    p.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(p)
+
+
+def _run(tmp: Path, *, rows: bytes | None = None, manifest: bytes | None = None, closed=True) -> str:
+    from microbench.results import MANIFEST, ROWS, RunWriter
+    d = tmp / "run"
+    w = RunWriter(d, {"probe": "allreduce", "world_size": 2, "device": "cpu"})
+    w.write_row({"probe": "allreduce", "case": "a", "status": "ok"})
+    if closed:
+        w.close(status="ok")
+    if rows is not None:
+        (d / ROWS).write_bytes(rows)
+    if manifest is not None:
+        (d / MANIFEST).write_bytes(manifest)
+    return str(d)
+
+
+def _log(tmp: Path, bad: str) -> str:
+    good = [GOOD_ITER.format(i=i, e="120.0", loss="2.5") for i in (1, 2)]
+    return _file(tmp, "log.txt", "\n".join([*good, bad, GOOD_ITER.format(i=4, e="121.0", loss="2.4")]) + "\n")
+
+
+# (class, id, builder(tmp) -> (module, argv, extra env), expected exit code, text in the line)
+CASES = [
+    ("cli", "size-nan", lambda t: (AR, ["-b", "nan"], {}), 2, "size 'nan'"),
+    ("cli", "size-inf", lambda t: (AR, ["-b", "inf"], {}), 2, "size 'inf'"),
+    ("cli", "size-1T", lambda t: (AR, ["-b", "1T", "-e", "1T"], {}), 2, "does not fit one rank's memory"),
+    ("cli", "timeout-inf", lambda t: (AR, ["--timeout-s", "inf"], {}), 2, "--timeout-s inf"),
+    ("cli", "timeout-nan", lambda t: (AR, ["--timeout-s", "nan"], {}), 2, "--timeout-s nan"),
+    ("cli", "iters-0", lambda t: (AR, ["-n", "0"], {}), 2, "-n/--iters 0"),
+    ("cli", "layout-vs-world", lambda t: (AR, ["--model", "tiny", "--tp", "2", "--ranks", "3"], {}), 2,
+     "≠ world 3"),
+    ("cli", "mpi4py-embedded", lambda t: (AR, ["--backend", "mpi4py"], {}), 2, "--backend mpi4py"),
+    ("cli", "train-lr-nan", lambda t: (TR, ["--lr", "nan"], {}), 2, "--lr nan"),
+    ("cli", "train-bucket-neg", lambda t: (TR, ["--bucket-mb", "-1"], {}), 2, "--bucket-mb -1"),
+    ("cli", "train-scale-inf", lambda t: (TR, ["--scale", "inf"], {}), 2, "--scale inf"),
+    ("cli", "train-timeout-inf", lambda t: (TR, ["--timeout-s", "inf"], {}), 2, "--timeout-s inf"),
+    ("out", "on-a-file", lambda t: (AR, ["--out", _file(t, "f", "x")], {}), 2, "not a directory"),
+    ("out", "under-a-file", lambda t: (AR, ["--out", _file(t, "f", "x") + "/run"], {}), 2,
+     "is a file, not a directory"),
+    ("out", "existing-run", lambda t: (AR, ["--out", _run(t)], {}), 2, "is an existing run"),
+    ("out", "unwritable", lambda t: (AR, ["--out", "/proc/microbench-run"], {}), 2,
+     "cannot create the run directory"),
+    ("out", "train-existing-run", lambda t: (TR, ["--out", _run(t)], {}), 2, "is an existing run"),
+    ("results", "binary-rows", lambda t: ("analysis.report", [_run(t, rows=b"\xff\xfe\x00\x89PNG")], {}),
+     2, "rows.jsonl: not a UTF-8 text file"),
+    ("results", "binary-manifest", lambda t: ("analysis.report", [_run(t, manifest=b"\x89PNG\xff")], {}),
+     2, "manifest.json: not a UTF-8 text file"),
+    ("results", "incomplete-run", lambda t: ("analysis.report", [_run(t, closed=False)], {}), 2,
+     "incomplete run"),
+    ("results", "malformed-middle-line", lambda t: ("analysis.report", [_run(t, rows=b'{"x"\n{}\n')], {}),
+     2, "rows.jsonl:1: malformed JSON line"),
+    ("results", "a-file-not-a-run", lambda t: ("analysis.report", [_file(t, "rows.jsonl", "{}\n")], {}),
+     2, "not a run directory"),
+    ("env", "pmi-rank-abc", lambda t: (AR, [], {"PMI_RANK": "abc", "PMI_SIZE": "2"}), 2, "PMI_RANK='abc'"),
+    ("env", "torchrun-vs-pmi", lambda t: (AR, [], {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                                                    "PMI_RANK": "0", "PMI_SIZE": "2"}), 2,
+     "RANK=1, PMI_RANK=0"),
+    ("env", "ompi-vs-pmi-size", lambda t: (AR, [], {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4",
+                                                     "PMI_RANK": "0", "PMI_SIZE": "2"}), 2,
+     "OMPI_COMM_WORLD_SIZE=4, PMI_SIZE=2"),
+    ("env", "rank-outside-world", lambda t: (AR, [], {"PMI_RANK": "5", "PMI_SIZE": "2"}), 2,
+     "PMI_RANK=5 is outside"),
+    ("env", "master-port-abc", lambda t: (AR, ["--timeout-s", "10"], {"RANK": "0", "WORLD_SIZE": "1",
+                                                                     "LOCAL_RANK": "0", "MASTER_PORT": "abc"}),
+     2, "MASTER_PORT='abc'"),
+    ("env", "master-addr-unresolvable", lambda t: (AR, ["--timeout-s", "10"], {
+        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "29544",
+        "MASTER_ADDR": "no-such-host.invalid"}), 2, "no-such-host.invalid"),
+]
+
+# Megatron logs: the bad record is named (line 3) and refused (3 iterations kept) or its bad
+# field cleared (4 kept); the summary stays strict JSON (no NaN/Infinity); exit 0 (the good
+# lines are kept).
+LOGS = [
+    ("huge-integer", GOOD_ITER.format(i="99999999999999999999999", e="120.0", loss="2.5"), 3),
+    ("impossible-date", "[2024-13-45 25:61:00] " + GOOD_ITER.format(i=3, e="120.0", loss="2.5"), 4),
+    ("elapsed-nan", GOOD_ITER.format(i=3, e="nan", loss="2.5"), 3),
+    ("elapsed-inf", GOOD_ITER.format(i=3, e="inf", loss="2.5"), 3),
+    ("elapsed-negative", GOOD_ITER.format(i=3, e="-120.0", loss="2.5"), 3),
+    ("loss-nan", GOOD_ITER.format(i=3, e="120.0", loss="nan"), 4),
+]
+
+
+def invoke(module, argv, extra, *, repo: Path = REPO, timeout: float = 120):
+    e = env(**extra)
+    if repo != REPO:
+        e["PYTHONPATH"] = str(repo)
+    cmd = [sys.executable, "-m", module, *argv]
+    try:
+        return run_bounded(cmd, env_=e, timeout=timeout, cwd=repo)
+    except subprocess.TimeoutExpired as t:  # a hang is not a clean refusal (the tally counts it)
+        if repo == REPO:
+            raise
+        return subprocess.CompletedProcess(cmd, -9, t.output or "", f"(timed out after {timeout:g} s)")
+
+
+def clean_usage_error(res, code: int, text: str) -> bool:
+    lines = res.stderr.strip().splitlines()
+    return (res.returncode == code and len(lines) == 1 and lines[0].startswith("error:")
+            and text in lines[0] and "Traceback" not in res.stderr)
+
+
+def _strict(text: str):
+    def bad(c):
+        raise ValueError(c)
+    return json.loads(text, parse_constant=bad)
+
+
+def clean_log(res, kept: int) -> bool:
+    if res.returncode != 0 or "Traceback" in res.stderr:
+        return False
+    try:
+        summary = _strict(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return False
+    return "line" in res.stderr and " 3" in res.stderr and summary.get("num_iterations") == kept
+
+
+@pytest.mark.parametrize("cls, name, build, code, text", CASES, ids=[c[1] for c in CASES])
+def test_bad_input_is_one_line(tmp_path, cls, name, build, code, text):
+    module, argv, extra = build(tmp_path)
+    res = invoke(module, argv, extra)
+    assert clean_usage_error(res, code, text), (res.returncode, res.stderr)
+
+
+@pytest.mark.parametrize("name, line, kept", LOGS, ids=[n for n, _, _ in LOGS])
+def test_bad_megatron_record_is_named_and_summary_is_json(tmp_path, name, line, kept):
+    res = invoke("full_model.megatron", ["parse", _log(tmp_path, line)], {})
+    assert clean_log(res, kept), (res.returncode, res.stdout[-300:], res.stderr)
+
+
+def tally(repo: Path) -> dict[str, tuple[int, int]]:
+    import tempfile
+    out: dict[str, list[int]] = {}
+    for cls, name, build, code, text in CASES:
+        with tempfile.TemporaryDirectory() as t:
+            module, argv, extra = build(Path(t))
+            ok = clean_usage_error(invoke(module, argv, extra, repo=repo, timeout=60), code, text)
+        out.setdefault(cls, [0, 0])[0] += ok
+        out[cls][1] += 1
+        print(f"{cls:8} {name:28} {'clean' if ok else 'NOT CLEAN'}", flush=True)
+    for name, line, kept in LOGS:
+        with tempfile.TemporaryDirectory() as t:
+            ok = clean_log(invoke("full_model.megatron", ["parse", _log(Path(t), line)], {}, repo=repo,
+                                  timeout=60),
+                           kept)
+        out.setdefault("megatron", [0, 0])[0] += ok
+        out["megatron"][1] += 1
+        print(f"{'megatron':8} {name:28} {'clean' if ok else 'NOT CLEAN'}", flush=True)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="tally of issue 12's bad inputs")
+    ap.add_argument("--repo", type=Path, default=REPO, help="checkout to test (default: this one)")
+    counts = tally(ap.parse_args().repo.resolve())
+    print(json.dumps({k: f"{a}/{b}" for k, (a, b) in counts.items()}))

@@ -1,0 +1,219 @@
+"""Faults in real multi-rank runs (issue 12): a rank killed, rank 0 killed, SIGTERM and Ctrl-C,
+under the embedded world and under mpiexec. Each asserts the exit code, the one line, the
+manifest's status (naming the rank or the signal), that no earlier row changed, and that no
+process of the run is left behind. fp32 and tiny sizes: the point is the lifecycle, not speed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis import load
+from microbench.results import MANIFEST, ROWS, ResultsError, read_run
+from tests.launch import REPO, env, have_mpi, kill_group, mpiexec, run_local, run_mpi
+
+pytestmark = pytest.mark.multirank
+SWEEP = ["-b", "1K", "-e", "1M", "-f", "2", "-n", "5", "-w", "1", "-d", "fp32", "--quiet"]
+needs_mpi = pytest.mark.skipif(not have_mpi(), reason="needs mpiexec and mpi4py (the `local` extra)")
+
+
+def start(cmd, **extra_env):
+    return subprocess.Popen(cmd, env=env(**extra_env), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_rows(out: Path, n: int, proc, timeout=120) -> list[bytes]:
+    """Block until ``n`` rows are on disk; the bytes of those rows (to compare later)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()}")
+        try:
+            lines = (out / ROWS).read_bytes().split(b"\n")
+        except FileNotFoundError:
+            lines = []
+        if len(lines) > n:
+            return lines[:n]
+        time.sleep(0.2)
+    kill_group(proc)
+    raise AssertionError("no rows in time")
+
+
+def finish(proc, timeout=90):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    return proc.returncode, out, err
+
+
+def pids_with(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker`` (a test's unique tmp path)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker.encode() in (d / "cmdline").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+def rank_pid(marker: str, rank: int, var: str) -> int:
+    for pid in pids_with(marker):
+        try:
+            envs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"{var}={rank}".encode() in envs and b"python" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise AssertionError(f"no process of rank {rank}")
+
+
+def no_orphans(marker: str) -> None:
+    end = time.monotonic() + 10
+    while pids_with(marker) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert pids_with(marker) == []
+
+
+def earlier_rows_unchanged(out: Path, before: list[bytes]) -> None:
+    now = (out / ROWS).read_bytes().split(b"\n")
+    assert now[:len(before)] == before
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- embedded world ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig, how", [(signal.SIGTERM, "parent"), (signal.SIGINT, "group")])
+def test_embedded_world_stopped_by_a_signal(tmp_path, sig, how):
+    out = tmp_path / "r"
+    proc = start([sys.executable, "-m", "microbench.allreduce", *SWEEP, "--out", str(out)])
+    before = wait_rows(out, 2, proc)
+    if how == "parent":
+        os.kill(proc.pid, sig)       # `kill PID` of the parent alone
+    else:
+        os.killpg(proc.pid, sig)     # Ctrl-C: the terminal signals the whole group
+    code, _, err = finish(proc)
+    assert code == 128 + sig
+    line = one_error_line(err)
+    assert f"interrupted by {sig.name}" in line and "marked interrupted" in line
+    man, rows = read_run(out)
+    assert man["status"] == "interrupted" and man["signal"] == sig.name
+    earlier_rows_unchanged(out, before)
+    no_orphans(str(out))
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_embedded_world_rank_killed(tmp_path, victim):
+    out = tmp_path / "r"
+    proc = start([sys.executable, "-m", "microbench.allreduce", *SWEEP, "--timeout-s", "20",
+                  "--out", str(out)])
+    before = wait_rows(out, 2, proc)
+    os.kill(rank_pid(str(out), victim, "RANK"), signal.SIGKILL)
+    code, _, err = finish(proc, timeout=120)
+    assert code != 0
+    assert f"rank {victim} of the embedded 2-rank world ended with signal 9" in err
+    man, rows = read_run(out)
+    assert man["status"] == "failed"
+    assert man["failure"]["first_ended"] == {"rank": victim, "how": "signal SIGKILL"}
+    earlier_rows_unchanged(out, before)
+    df = load(out)  # a failed run is loaded; its rows say so
+    assert set(df["run_status"]) == {"failed"}
+    no_orphans(str(out))
+
+
+def test_dead_rank_is_named_in_the_manifest(tmp_path):
+    res = run_local("microbench.allreduce", "-b", "1K", "-e", "16K", "-f", "4", "-n", "2", "-w", "0",
+                    "-d", "fp32", "--timeout-s", "20", "--out", str(tmp_path / "r"), ranks=2,
+                    timeout=120, MICROBENCH_FAULT="1:1")
+    assert res.returncode == 17
+    man, rows = read_run(tmp_path / "r")
+    assert man["status"] == "failed" and man["failure"]["first_ended"]["rank"] == 1
+    assert man["failure"]["ranks_without_report"] == [1]  # rank 0 heard nothing from it
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+
+
+# --- mpiexec -------------------------------------------------------------------------------------
+
+@needs_mpi
+@pytest.mark.parametrize("victim", [2, 0])
+def test_mpiexec_rank_dies_and_a_survivor_closes_the_run(tmp_path, victim):
+    """Under MPICH a rank that exits without MPI_Finalize makes Hydra SIGKILL every other
+    rank within a fraction of a second; the first rank that sees the failure closes the run
+    at once (before looking for who died), so the manifest is never left open. Naming the
+    dead rank races Hydra's kill (``dead_ranks`` when the survivor lived long enough)."""
+    res = run_mpi("microbench.allreduce", "-b", "1K", "-e", "16K", "-f", "4", "-n", "2", "-w", "0",
+                  "-d", "fp32", "--timeout-s", "15", "--out", str(tmp_path / "r"), ranks=4,
+                  timeout=180, MICROBENCH_FAULT=f"{victim}:1")
+    assert res.returncode != 0
+    man, rows = read_run(tmp_path / "r")
+    assert man["status"] == "failed"
+    failure = man["failure"]
+    assert failure["rank"] in (0, 1, 2, 3) and failure["case"] == "allreduce-1024-in"
+    if "dead_ranks" in failure:
+        assert failure["dead_ranks"] == [victim]
+    assert rows[0]["status"] == "ok" and rows[0]["num_wrong"] == 0
+    no_orphans(str(tmp_path / "r"))
+
+
+@needs_mpi
+def test_mpiexec_sigkill_of_a_rank_leaves_a_closed_or_incomplete_run(tmp_path):
+    """SIGKILL of a rank: Hydra kills every other rank moments later. A survivor that saw the
+    failure first closes the run ``failed`` (naming the dead rank when it could see it);
+    if none could, the reader calls the run incomplete and the analysis refuses it unless
+    told otherwise. Never a run that looks complete."""
+    out = tmp_path / "r"
+    proc = start([mpiexec(), "-n", "4", sys.executable, "-m", "microbench.allreduce", *SWEEP,
+                  "--out", str(out)])
+    before = wait_rows(out, 2, proc, timeout=180)
+    os.kill(rank_pid(str(out), 3, "PMI_RANK"), signal.SIGKILL)
+    code, _, _ = finish(proc)
+    assert code != 0
+    man = read_run(out)[0]
+    assert man["status"] in ("failed", "incomplete")
+    if man["status"] == "incomplete":
+        with pytest.raises(ResultsError, match="incomplete run"):
+            load(out)
+    elif "dead_ranks" in man["failure"]:
+        assert man["failure"]["dead_ranks"] == [3]
+    assert len(load(out, allow_incomplete=True)) >= 2
+    earlier_rows_unchanged(out, before)
+    no_orphans(str(out))
+
+
+@needs_mpi
+def test_mpiexec_sigterm_marks_the_run_interrupted(tmp_path):
+    out = tmp_path / "r"
+    proc = start([mpiexec(), "-n", "2", sys.executable, "-m", "microbench.allreduce", *SWEEP,
+                  "--out", str(out)])
+    before = wait_rows(out, 2, proc, timeout=180)
+    os.kill(proc.pid, signal.SIGTERM)  # Hydra forwards it to every rank
+    code, _, err = finish(proc)
+    assert code == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in one_error_line(err)
+    man = json.loads((out / MANIFEST).read_text())
+    assert man["status"] == "interrupted" and man["interrupted_rank"] == 0
+    earlier_rows_unchanged(out, before)
+    no_orphans(str(out))
+
+
+@needs_mpi
+def test_mpiexec_layout_error_is_one_line_exit_2(tmp_path):
+    res = run_mpi("microbench.allreduce", "--model", "tiny", "--tp", "2", "-d", "fp32",
+                  "--out", str(tmp_path / "r"), ranks=3, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "terminate called" not in res.stderr
+    assert "tp(2) × pp(1) × dp(1) = 2 ≠ world 3" in one_error_line(res.stderr)
+    assert not (tmp_path / "r" / MANIFEST).exists()
