@@ -335,12 +335,15 @@ def run_local(layouts: Sequence[str], *, model: str, steps: int, warmup: int, ou
               system: str | None, timeout: float = 300) -> tuple[list[Comparison], list[str]]:
     from .load import load
     from .profile import MeasuredProfile, SpecProfile
+    if system is None:  # before any run: what no probe measures is specified, never invented
+        raise CrossCheckError("local: give --system NAME, the spec that prices what the probes do not "
+                              "measure (the network between nodes, device memory, overlap)")
     py = sys.executable
     have, missing = available_probes()
     notes = []
     if missing:
         notes.append(f"probe module(s) not in this tree: {', '.join(missing)}; their operations are priced "
-                     f"from the fallback spec ({system or 'minimal spec from the measured peaks'})")
+                     f"from the {system} spec")
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, list[Path]] = {}
     comparisons = []
