@@ -177,7 +177,10 @@ def abort_rank(module: str, world: World, writer: results.RunWriter | None, what
         failure["dead_ranks"] = dead
     try:  # write first: under MPICH, Hydra SIGKILLs every rank moments after one dies
         if writer is not None:
-            writer.write_row({**row, "status": "failed", "reason": msg})
+            try:
+                writer.write_row({**row, "status": "failed", "reason": msg})
+            except OSError as e:  # disk full: the manifest below still says what happened
+                failure["row_not_written"] = f"{type(e).__name__}: {e}"
             writer.close(status="failed", failure=failure)
         elif RUN.run_dir is not None:  # rank 0 may be dead, blocked, or about to be killed
             failure["closed_by_rank"] = world.rank

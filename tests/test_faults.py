@@ -14,7 +14,7 @@ import pytest
 
 from analysis import load
 from microbench.results import MANIFEST, ROWS, ResultsError, read_run
-from tests.launch import REPO, env, have_mpi, kill_group, mpiexec, run_local, run_mpi
+from tests.launch import REPO, env, have_mpi, kill_group, mpiexec, run_bounded, run_local, run_mpi
 
 pytestmark = pytest.mark.multirank
 SWEEP = ["-b", "1K", "-e", "1M", "-f", "2", "-n", "5", "-w", "1", "-d", "fp32", "--quiet"]
@@ -217,3 +217,21 @@ def test_mpiexec_layout_error_is_one_line_exit_2(tmp_path):
     assert "terminate called" not in res.stderr
     assert "tp(2) × pp(1) × dp(1) = 2 ≠ world 3" in one_error_line(res.stderr)
     assert not (tmp_path / "r" / MANIFEST).exists()
+
+
+def test_disk_full_mid_run_keeps_the_good_rows(tmp_path):
+    """A file-size limit (``ulimit -f``, Python turns SIGXFSZ into EFBIG) stands in for a full
+    disk: the row being written is torn; the run closes ``failed`` naming the error, exit 1;
+    the reader keeps the rows before it and names the torn line."""
+    out = tmp_path / "r"
+    cmd = " ".join([sys.executable, "-m", "microbench.allreduce", *SWEEP, "--timeout-s", "20",
+                    "--out", str(out)])
+    res = run_bounded(["bash", "-c", f"ulimit -f 12; exec {cmd}"], env_=env(), timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    man, rows = read_run(out)
+    assert man["status"] == "failed" and "File too large" in man["failure"]["reason"]
+    with pytest.warns(UserWarning, match=r"rows.jsonl:\d+: torn last line"):
+        df = load(out)
+    assert len(df) == len(rows) > 0 and (df["status"] == "ok").all()
+    no_orphans(str(out))
