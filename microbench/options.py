@@ -149,23 +149,26 @@ def check_out(path: str) -> None:
 def memory_per_rank_bytes(device: str, ranks_per_node: int) -> tuple[int, str] | None:
     """(bytes, how) one rank may use: a device's memory, or the host's RAM shared by the ranks
     of a node for the CPU. None where it cannot be known without starting a device."""
-    if device in ("auto", "cpu"):
+    try:
+        import torch
+        kinds = [k for k in ("xpu", "cuda") if device in ("auto", k)
+                 and getattr(torch, k, None) is not None and getattr(torch, k).is_available()]
+    except Exception:
+        return None
+    if kinds:
         try:
-            import torch
-            if device == "auto" and (torch.cuda.is_available() or
-                                     (hasattr(torch, "xpu") and torch.xpu.is_available())):
-                kind = "cuda" if torch.cuda.is_available() else "xpu"
-                total = getattr(torch, kind).get_device_properties(0).total_memory
-                return int(total), f"{kind} device memory {total / 2**30:.1f} GiB"
+            total = getattr(torch, kinds[0]).get_device_properties(0).total_memory
         except Exception:
             return None
-        try:
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return None
-        n = max(1, ranks_per_node)
-        return ram // n, f"{ram / 2**30:.1f} GiB RAM / {n} rank(s) on this node"
-    return None
+        return int(total), f"{kinds[0]} device memory {total / 2**30:.1f} GiB"
+    if device not in ("auto", "cpu"):
+        return None  # asked for a device that is not here: init_world says so
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    n = max(1, ranks_per_node)
+    return ram // n, f"{ram / 2**30:.1f} GiB RAM / {n} rank(s) on this node"
 
 
 def check_memory(args: argparse.Namespace, need_bytes: int | None, *, ranks_per_node: int) -> None:

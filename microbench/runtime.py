@@ -489,7 +489,10 @@ def init_world(*, device: str = "auto", backend: str = "auto", timeout_s: float 
 
 def _die_with_parent() -> None:
     """In a rank of the embedded world (between fork and exec): SIGTERM when the parent dies,
-    even by SIGKILL, so no rank outlives it (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    even by SIGKILL, so no rank outlives it (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op).
+    Ctrl-C is ignored until the rank installs its own handler: the parent, which gets it too,
+    stops the ranks (no KeyboardInterrupt traceback from a rank still importing torch)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)

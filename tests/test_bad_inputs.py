@@ -8,6 +8,7 @@ Also the tally the issue asks for (rerunnable, e.g. against another checkout for
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,11 +110,17 @@ LOGS = [
 ]
 
 
-def invoke(module, argv, extra, *, repo: Path = REPO):
+def invoke(module, argv, extra, *, repo: Path = REPO, timeout: float = 120):
     e = env(**extra)
     if repo != REPO:
         e["PYTHONPATH"] = str(repo)
-    return run_bounded([sys.executable, "-m", module, *argv], env_=e, timeout=120, cwd=repo)
+    cmd = [sys.executable, "-m", module, *argv]
+    try:
+        return run_bounded(cmd, env_=e, timeout=timeout, cwd=repo)
+    except subprocess.TimeoutExpired as t:  # a hang is not a clean refusal (the tally counts it)
+        if repo == REPO:
+            raise
+        return subprocess.CompletedProcess(cmd, -9, t.output or "", f"(timed out after {timeout:g} s)")
 
 
 def clean_usage_error(res, code: int, text: str) -> bool:
@@ -157,13 +164,14 @@ def tally(repo: Path) -> dict[str, tuple[int, int]]:
     for cls, name, build, code, text in CASES:
         with tempfile.TemporaryDirectory() as t:
             module, argv, extra = build(Path(t))
-            ok = clean_usage_error(invoke(module, argv, extra, repo=repo), code, text)
+            ok = clean_usage_error(invoke(module, argv, extra, repo=repo, timeout=60), code, text)
         out.setdefault(cls, [0, 0])[0] += ok
         out[cls][1] += 1
         print(f"{cls:8} {name:28} {'clean' if ok else 'NOT CLEAN'}", flush=True)
     for name, line, kept in LOGS:
         with tempfile.TemporaryDirectory() as t:
-            ok = clean_log(invoke("full_model.megatron", ["parse", _log(Path(t), line)], {}, repo=repo),
+            ok = clean_log(invoke("full_model.megatron", ["parse", _log(Path(t), line)], {}, repo=repo,
+                                  timeout=60),
                            kept)
         out.setdefault("megatron", [0, 0])[0] += ok
         out["megatron"][1] += 1
