@@ -331,13 +331,18 @@ def measure_probes(text: str, layout: list[str], *, tp: int, pp: int, dp: int, o
     return dirs
 
 
+def require_system(cmd: str, system: str | None) -> None:
+    """Before any run: what no probe measures is specified by a named spec, never invented."""
+    if system is None:
+        raise CrossCheckError(f"{cmd}: give --system NAME, the spec that prices what the probes do not "
+                              "measure (the network between nodes, device memory, overlap)")
+
+
 def run_local(layouts: Sequence[str], *, model: str, steps: int, warmup: int, out: Path,
               system: str | None, timeout: float = 300) -> tuple[list[Comparison], list[str]]:
     from .load import load
     from .profile import MeasuredProfile, SpecProfile
-    if system is None:  # before any run: what no probe measures is specified, never invented
-        raise CrossCheckError("local: give --system NAME, the spec that prices what the probes do not "
-                              "measure (the network between nodes, device memory, overlap)")
+    require_system("local", system)
     py = sys.executable
     have, missing = available_probes()
     notes = []

@@ -32,7 +32,7 @@ import pandas as pd
 
 from microbench.config import TrainConfig, preset, with_layout
 
-from .crosscheck import (Comparison, CrossCheckError, Measured, _run, available_probes, compare,
+from .crosscheck import (Comparison, require_system, CrossCheckError, Measured, _run, available_probes, compare,
                          measure_probes, measured_from_run, parse_layout)
 from .predict import FrameworkTerms, predict
 from .provenance import extrapolated
@@ -100,6 +100,7 @@ def run_megatron(layouts: Sequence[str], *, model: TrainConfig, source: Path, ru
                  with_reference: bool = True) -> tuple[list[FrameworkRow], list[str]]:
     from .load import load
     from .profile import MeasuredProfile, SpecProfile
+    require_system("megatron", system)
     have, missing = available_probes()
     notes = []
     if missing:

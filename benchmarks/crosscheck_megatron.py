@@ -31,7 +31,10 @@ def main(argv: list[str]) -> int:
     ap = ArgumentParser(prog="python -m benchmarks.crosscheck_megatron")
     sub = ap.add_subparsers(dest="cmd")
     add_args(sub)
-    a = ap.parse_args(["megatron", *argv, "--json"])
+    # What no probe measures on one CPU node (overlap fractions, per-layer overhead) is
+    # specified by a named spec; aurora's unless the caller names another.
+    system = [] if any(x == "--system" or x.startswith("--system=") for x in argv) else ["--system", "aurora"]
+    a = ap.parse_args(["megatron", *argv, *system, "--json"])
     out_lines: list[str] = []
 
     import contextlib

@@ -151,7 +151,7 @@ def test_real_framework_trains_without_skipping(tmp_path, layout):
 def test_crosscheck_megatron_prints_the_table_and_json(tmp_path):
     res = subprocess.run([sys.executable, "-m", "analysis.crosscheck", "megatron", "--model", "tiny", "--layouts", "tp2",
                           "--runs", "1", "--iters", "3", "--warmup", "1", "--no-reference", "--out", str(tmp_path),
-                          "--json", "--timeout-s", "600"], env=env(), capture_output=True, text=True, timeout=1450,
+                          "--system", "aurora", "--json", "--timeout-s", "600"], env=env(), capture_output=True, text=True, timeout=1450,
                          cwd=REPO)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
