@@ -147,33 +147,40 @@ def test_dead_rank_is_named_in_the_manifest(tmp_path):
 
 # --- mpiexec -------------------------------------------------------------------------------------
 
+def closed_failed_or_refused_incomplete(out: Path, victim: int) -> dict:
+    """Under MPICH a rank that dies makes Hydra SIGKILL every other rank within a fraction of a
+    second. A survivor that saw the failure first closes the run ``failed`` (naming the dead
+    rank when it lived long enough to see who); when Hydra's kill won the race, nobody is left
+    to close it and the reader calls the run ``incomplete``: the analysis refuses it unless
+    told otherwise. Either way, never a run that looks complete."""
+    man = read_run(out)[0]
+    assert man["status"] in ("failed", "incomplete")
+    if man["status"] == "incomplete":
+        with pytest.raises(ResultsError, match="incomplete run"):
+            load(out)
+    elif "dead_ranks" in man["failure"]:
+        assert man["failure"]["dead_ranks"] == [victim]
+    return man
+
+
 @needs_mpi
 @pytest.mark.parametrize("victim", [2, 0])
-def test_mpiexec_rank_dies_and_a_survivor_closes_the_run(tmp_path, victim):
-    """Under MPICH a rank that exits without MPI_Finalize makes Hydra SIGKILL every other
-    rank within a fraction of a second; the first rank that sees the failure closes the run
-    at once (before looking for who died), so the manifest is never left open. Naming the
-    dead rank races Hydra's kill (``dead_ranks`` when the survivor lived long enough)."""
+def test_mpiexec_rank_dies_and_the_run_is_closed_or_incomplete(tmp_path, victim):
     res = run_mpi("microbench.allreduce", "-b", "1K", "-e", "16K", "-f", "4", "-n", "2", "-w", "0",
                   "-d", "fp32", "--timeout-s", "15", "--out", str(tmp_path / "r"), ranks=4,
                   timeout=180, MICROBENCH_FAULT=f"{victim}:1")
     assert res.returncode != 0
-    man, rows = read_run(tmp_path / "r")
-    assert man["status"] == "failed"
-    failure = man["failure"]
-    assert failure["rank"] in (0, 1, 2, 3) and failure["case"] == "allreduce-1024-in"
-    if "dead_ranks" in failure:
-        assert failure["dead_ranks"] == [victim]
+    man = closed_failed_or_refused_incomplete(tmp_path / "r", victim)
+    if man["status"] == "failed":
+        assert man["failure"]["rank"] in (0, 1, 2, 3)
+        assert man["failure"]["case"] == "allreduce-1024-in"
+    rows = read_run(tmp_path / "r")[1]
     assert rows[0]["status"] == "ok" and rows[0]["num_wrong"] == 0
     no_orphans(str(tmp_path / "r"))
 
 
 @needs_mpi
 def test_mpiexec_sigkill_of_a_rank_leaves_a_closed_or_incomplete_run(tmp_path):
-    """SIGKILL of a rank: Hydra kills every other rank moments later. A survivor that saw the
-    failure first closes the run ``failed`` (naming the dead rank when it could see it);
-    if none could, the reader calls the run incomplete and the analysis refuses it unless
-    told otherwise. Never a run that looks complete."""
     out = tmp_path / "r"
     proc = start([mpiexec(), "-n", "4", sys.executable, "-m", "microbench.allreduce", *SWEEP,
                   "--out", str(out)])
@@ -181,13 +188,7 @@ def test_mpiexec_sigkill_of_a_rank_leaves_a_closed_or_incomplete_run(tmp_path):
     os.kill(rank_pid(str(out), 3, "PMI_RANK"), signal.SIGKILL)
     code, _, _ = finish(proc)
     assert code != 0
-    man = read_run(out)[0]
-    assert man["status"] in ("failed", "incomplete")
-    if man["status"] == "incomplete":
-        with pytest.raises(ResultsError, match="incomplete run"):
-            load(out)
-    elif "dead_ranks" in man["failure"]:
-        assert man["failure"]["dead_ranks"] == [3]
+    closed_failed_or_refused_incomplete(out, 3)
     assert len(load(out, allow_incomplete=True)) >= 2
     earlier_rows_unchanged(out, before)
     no_orphans(str(out))
