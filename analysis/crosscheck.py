@@ -295,18 +295,21 @@ def available_probes() -> tuple[list[str], list[str]]:
 
 
 def measure_probes(text: str, layout: list[str], *, tp: int, pp: int, dp: int, out: Path,
-                   done: dict[tuple, list[Path]], have: list[str], timeout: float) -> list[Path]:
+                   done: dict[tuple, list[Path]], have: list[str], timeout: float,
+                   compute_iters: tuple[int, int] | None = None) -> list[Path]:
     """The probes at a run's exact shapes and rank count (so the cores are as busy as in the
     step); ``done`` caches run directories across layouts that share shapes. ``layout`` is
-    the probes' --model/--tp/--pp/--dp flags."""
+    the probes' --model/--tp/--pp/--dp flags. ``compute_iters`` = (iterations, warm-up) of
+    the compute probes (default: theirs)."""
     world = tp * pp * dp
     dirs: list[Path] = []
+    its = ["-n", str(compute_iters[0]), "-w", str(compute_iters[1])] if compute_iters else []
     for probe in (p for p in PROBES if p in have):
         key = (probe, tp, world)  # compute shapes depend on tp; contention on the rank count
         if key not in done:
             d = out / "probes" / f"{probe}-tp{tp}-w{world}"
-            _run([sys.executable, "-m", f"microbench.{probe}", *layout, "--ranks", str(world), "--quiet", "--out", str(d)],
-                 timeout=timeout, log=d.with_suffix(".log"))
+            _run([sys.executable, "-m", f"microbench.{probe}", *layout, *its, "--ranks", str(world), "--quiet",
+                  "--out", str(d)], timeout=timeout, log=d.with_suffix(".log"))
             done[key] = [d]
         dirs += done[key]
     for coll in ("allreduce",) if "allreduce" in have else ():

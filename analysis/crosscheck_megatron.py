@@ -70,14 +70,41 @@ def steady_median_s(run_dir: Path, *, warmup: int) -> tuple[float, list[float]]:
     return float(kept.median()), kept.tolist()
 
 
-def framework_probe(cfg: TrainConfig, profile: Any, *, source: Path, out: Path, iters: int, warmup: int,
-                    timeout: float) -> tuple[FrameworkTerms, dict[str, float]]:
+def narrow_gemm_shapes(narrow: TrainConfig) -> list[str]:
+    """The narrowed model's distinct GEMM shapes (layer and LM head, every phase) as
+    ``microbench.gemm --shape`` arguments."""
+    from microbench.gemm import gemm_shapes
+    return sorted({f"{s['m']},{s['n']},{s['k']}" for s in gemm_shapes(narrow)})
+
+
+def narrow_config(cfg: TrainConfig) -> TrainConfig:
+    return with_layout(cfg, **PROBE_WIDTH, num_kv_heads=PROBE_WIDTH["num_heads"])
+
+
+def measure_narrow_gemms(cfg: TrainConfig, *, out: Path, timeout: float, compute_iters: tuple[int, int]) -> Path:
+    """The framework probe's GEMMs measured at exactly its narrowed shapes on the layout's
+    rank count (``microbench.gemm --shape``): a GPU tile model scaled down from the
+    full-width GEMMs says nothing of a 64-wide GEMM on a CPU."""
+    narrow, p = narrow_config(cfg), cfg.parallel
+    if not (out / "manifest.json").is_file():
+        shapes = [x for s in narrow_gemm_shapes(narrow) for x in ("--shape", s)]
+        _run([sys.executable, "-m", "microbench.gemm", *shapes, "-d", narrow.model.dtype, "--no-peak",
+              "-n", str(compute_iters[0]), "-w", str(compute_iters[1]), "--ranks", str(p.tp * p.pp * p.dp),
+              "--quiet", "--out", str(out)], timeout=timeout, log=out.with_suffix(".log"))
+    return out
+
+
+def framework_probe(cfg: TrainConfig, dirs: Sequence[Path], *, source: Path, out: Path, iters: int, warmup: int,
+                    timeout: float, fallback: Any) -> tuple[FrameworkTerms, dict[str, float]]:
     """Run the framework narrowed to PROBE_WIDTH (same layout, layers, micro-batches) and take
-    away what the probes already price at the narrowed shapes (the same measured profile:
-    collectives from its size sweep, GEMMs and memory-bound ops scaled down from the measured
-    shapes). What is left is the framework's own time. A negative remainder is clamped to 0
-    and recorded."""
-    narrow = with_layout(cfg, **PROBE_WIDTH, num_kv_heads=PROBE_WIDTH["num_heads"])
+    away what the probes price at the narrowed shapes (``dirs``: the layout's probes and
+    :func:`measure_narrow_gemms`): GEMMs measured at exactly those shapes, collectives from
+    the layout's size sweep, memory-bound ops from its α–β fits. What is left is the
+    framework's own time. A negative remainder is clamped to 0 and recorded."""
+    from .load import load
+    from .profile import MeasuredProfile
+    narrow = narrow_config(cfg)
+    profile = MeasuredProfile.from_rows(load(list(dirs)), fallback=fallback, name=f"measured-narrow-{out.name}")
     d = _run_framework(narrow, source=source, out=out, iters=iters, timeout=timeout)
     t, _ = steady_median_s(d, warmup=warmup)
     priced = predict(narrow, profile, dp_overlap=False).step_time_s
@@ -97,7 +124,8 @@ def framework_probe(cfg: TrainConfig, profile: Any, *, source: Path, out: Path, 
 
 def run_megatron(layouts: Sequence[str], *, model: TrainConfig, source: Path, runs: int, iters: int,
                  warmup: int, out: Path, system: str | None, timeout: float = 1800,
-                 with_reference: bool = True) -> tuple[list[FrameworkRow], list[str]]:
+                 with_reference: bool = True, compute_iters: tuple[int, int] = (30, 5)
+                 ) -> tuple[list[FrameworkRow], list[str]]:
     from .load import load
     from .profile import MeasuredProfile, SpecProfile
     require_system("megatron", system)
@@ -108,16 +136,27 @@ def run_megatron(layouts: Sequence[str], *, model: TrainConfig, source: Path, ru
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, list[Path]] = {}
     rows = []
+    fallback = SpecProfile.from_yaml(system) if system else None
+    plan = []
+    # Every layout's probes first, on a machine no framework run has touched yet: a probe
+    # started just after a framework run's ranks exit was seen to run 1.5-2x slow for
+    # seconds (one transient of that kind doubled two GEMMs' means and the pp2/dp2 price).
     for text in layouts:
         lay = parse_layout(text)
         tp, pp, dp = lay.get("tp", 1), lay.get("pp", 1), lay.get("dp", 1)
         cfg = with_layout(model, tp=tp, pp=pp, dp=dp, global_batch=model.parallel.global_batch)
         flags = ["--model", model.model.name, "--tp", str(tp), "--pp", str(pp), "--dp", str(dp),
                  "--mbs", str(cfg.parallel.micro_batch)]
-        print(f"# {text}: probes, framework probe, {runs} Megatron-DeepSpeed run(s) on {tp * pp * dp} rank(s)",
+        print(f"# {text}: probes on {tp * pp * dp} rank(s)", file=sys.stderr, flush=True)
+        dirs = measure_probes(text, flags, tp=tp, pp=pp, dp=dp, out=out, done=done, have=have, timeout=timeout,
+                              compute_iters=compute_iters)
+        narrow = measure_narrow_gemms(cfg, out=out / "probes" / f"gemm-narrow-{text}", timeout=timeout,
+                                      compute_iters=compute_iters)
+        plan.append((text, cfg, flags, dirs, narrow))
+    for text, cfg, flags, dirs, narrow in plan:
+        tp, pp, dp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp
+        print(f"# {text}: framework probe, {runs} Megatron-DeepSpeed run(s) on {tp * pp * dp} rank(s)",
               file=sys.stderr, flush=True)
-        dirs = measure_probes(text, flags, tp=tp, pp=pp, dp=dp, out=out, done=done, have=have, timeout=timeout)
-        fallback = SpecProfile.from_yaml(system) if system else None
         profile = MeasuredProfile.from_rows(load(dirs), fallback=fallback, name=f"measured-megatron-{text}")
         reference_s = None
         if with_reference:
@@ -126,8 +165,8 @@ def run_megatron(layouts: Sequence[str], *, model: TrainConfig, source: Path, ru
                   "--steps", str(iters), "--warmup-steps", str(warmup), "--ranks", str(tp * pp * dp), "--quiet",
                   "--out", str(ref)], timeout=timeout, log=ref.with_suffix(".log"))
             reference_s = measured_from_run(ref).median_s
-        fw, fw_detail = framework_probe(cfg, profile, source=source, out=out / f"framework-probe-{text}", iters=iters,
-                             warmup=warmup, timeout=timeout)
+        fw, fw_detail = framework_probe(cfg, [*dirs, narrow], source=source, out=out / f"framework-probe-{text}",
+                                        iters=iters, warmup=warmup, timeout=timeout, fallback=fallback)
         medians, run_dirs = [], []
         for r in range(runs):
             d = _run_framework(cfg, source=source, out=out / f"megatron-{text}-run{r}", iters=iters, timeout=timeout)
@@ -201,6 +240,9 @@ def add_args(sub: Any) -> None:
     g.add_argument("--runs", type=int, default=3, help="full-width framework runs per layout")
     g.add_argument("--iters", type=int, default=8, help="iterations per framework run")
     g.add_argument("--warmup", type=int, default=2, help="iterations left out of each run's median")
+    g.add_argument("--probe-iters", type=int, default=30,
+                   help="iterations of each compute probe case (the profile prices by their mean)")
+    g.add_argument("--probe-warmup", type=int, default=5, help="warm-up iterations of each compute probe case")
     g.add_argument("--system", default=None, help="fallback spec for what no probe measured")
     g.add_argument("--out", default=None, help="where everything goes (default results/crosscheck-megatron-<time>)")
     g.add_argument("--timeout-s", type=float, default=1800.0, help="limit of each framework run and probe")
@@ -214,6 +256,8 @@ def main_megatron(a: Any) -> int:
     if a.runs < 1 or a.iters <= a.warmup or a.warmup < 0:
         raise CrossCheckError(f"--runs {a.runs} --iters {a.iters} --warmup {a.warmup}: need runs ≥ 1 and "
                               "0 ≤ warmup < iters")
+    if a.probe_iters < 1 or a.probe_warmup < 0:
+        raise CrossCheckError(f"--probe-iters {a.probe_iters} --probe-warmup {a.probe_warmup}: need ≥ 1 and ≥ 0")
     if any(getattr(a, f) is not None for f in ("layers", "hidden", "ffn", "seq")):
         raise CrossCheckError("--layers/--hidden/--ffn/--seq: the probes take a preset only; add a preset to "
                               "microbench/config.py so probes and framework run the same shapes")
@@ -225,7 +269,8 @@ def main_megatron(a: Any) -> int:
     out = Path(a.out or f"results/crosscheck-megatron-{time.strftime('%Y%m%d-%H%M%S')}")
     rows, notes = run_megatron([s for s in a.layouts.split(",") if s], model=model, source=source, runs=a.runs,
                                iters=a.iters, warmup=a.warmup, out=out, system=a.system, timeout=a.timeout_s,
-                               with_reference=not a.no_reference)
+                               with_reference=not a.no_reference,
+                               compute_iters=(a.probe_iters, a.probe_warmup))
     print(format_table(rows))
     for n in notes + [n for r in rows for n in r.comparison.notes]:
         print(f"note: {n}")
