@@ -9,7 +9,8 @@ mid-write) is left out and named in ``df.attrs["problems"]`` and a warning; the 
 named twice (same ``run_id``) is loaded once; a run whose manifest was never closed (every
 rank died) is ``incomplete`` and refused unless ``allow_incomplete=True`` (or the environment
 variable ``MICROBENCH_ALLOW_INCOMPLETE=1``, which reaches the tools built on ``load``).
-Each row carries its run's ``run_status`` (ok, failed, interrupted, incomplete).
+Each row carries its run's ``run_status`` (ok, failed, interrupted, incomplete) and, for a
+failed run, ``run_failure`` (which rank, host, case and why, as JSON).
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ import pandas as pd
 from microbench.results import ResultsError, iter_run_dirs, read_run
 
 MANIFEST_COLUMNS = ("hostname", "device", "device_name", "backend", "launcher", "world_size", "model",
-                    "start_time", "status")
+                    "start_time", "status", "failure")
+"""``run_failure`` is the failed run's failure record as JSON (rank, host, probe, case, reason,
+``dead_ranks`` …); empty for a run that did not fail."""
 ALLOW_INCOMPLETE_ENV = "MICROBENCH_ALLOW_INCOMPLETE"
 
 

@@ -391,6 +391,9 @@ def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> in
             fail_fast(probe.module, ctx, "creating the run directory", e)
         RUN.writer = ctx.writer
     RUN.run_dir = Path(share_from_rank0(world, str(ctx.writer.dir) if ctx.writer else None))
+    if world.launcher != "embedded" and world.world_size > 1:  # the embedded world's parent witnesses
+        from .watchdog import start as start_watchdog
+        start_watchdog(RUN.run_dir, rank=world.rank, hostnames=world.hostnames, pids=world.pids)
     rows = run_cases(probe, ctx, Timer(world))
     code = outcome(rows)[1]  # rows are the same on every rank: every rank exits alike
     if ctx.writer is not None:

@@ -8,7 +8,8 @@ be read in one place. The rules (README, "Run directories and exit codes"):
   ``num_wrong > 0``) or a rank died; 2: usage error; 128+N: stopped by signal N.
 - the manifest's ``status`` agrees: ``ok``, ``failed`` (with ``failure``: rank, host, probe,
   case, reason) or ``interrupted`` (with ``signal``). It is closed by rank 0, else by a
-  surviving rank, else by the embedded world's parent; a manifest nobody closed is read as
+  surviving rank, else by the embedded world's parent or, under a launcher, by the host's
+  watchdog (:mod:`microbench.watchdog`); a manifest nobody closed is read as
   ``incomplete``.
 """
 from __future__ import annotations

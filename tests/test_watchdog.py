@@ -1,0 +1,120 @@
+"""The host watchdog that names a dead rank when the launcher kills every other rank before a
+survivor can (issue 12): what it concludes from the order in which ranks ended, on real
+processes and on manifests in every state."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from analysis import load
+from microbench.results import MANIFEST, RunWriter, read_run
+from microbench.watchdog import _watch_polling, conclude, first_to_end, watch
+
+
+def open_run(path):
+    w = RunWriter(path, {"probe": "t", "world_size": 3, "device": "cpu"})
+    w.write_row({"case": "a", "status": "ok", "num_wrong": 0})
+    return w
+
+
+def sleeper(seconds):
+    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+
+
+@pytest.mark.parametrize("how", ["pidfd", "polling"])
+def test_watch_orders_real_processes_by_when_they_ended(how):
+    procs = {0: sleeper(1.2), 1: sleeper(0.3), 2: sleeper(1.2)}
+    ranks = {r: p.pid for r, p in procs.items()}
+    try:
+        gone = watch(ranks) if how == "pidfd" else _watch_polling(ranks, {}, poll_s=0.02)
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    assert set(gone) == {0, 1, 2}
+    assert first_to_end(gone) == 1
+
+
+def test_ranks_that_end_together_name_nobody():
+    assert first_to_end({0: 10.0, 1: 10.0, 2: 10.0}) is None  # seen in one wake-up
+    assert first_to_end({0: 10.0, 1: 10.0002}) is None
+    assert first_to_end({0: 10.5, 1: 10.0, 2: 10.6}) == 1
+    assert first_to_end({3: 1.0}) == 3
+
+
+def test_an_unclosed_run_is_closed_failed_naming_the_first_rank(tmp_path):
+    w = open_run(tmp_path / "r")
+    assert read_run(w.dir)[0]["status"] == "incomplete"
+    assert conclude(w.dir, "h1", {0: 5.4, 1: 5.0, 2: 5.5}, settle_s=0) == "closed"
+    man = read_run(w.dir)[0]
+    assert man["status"] == "failed"
+    assert man["failure"]["dead_ranks"] == [1] and man["failure"]["rank"] == 1
+    assert man["failure"]["first_ended"]["rank"] == 1
+    assert "rank 1 on h1 ended first" in man["failure"]["reason"]
+    df = load(w.dir)  # no longer incomplete: loaded, and the rows say which rank died
+    assert set(df["run_status"]) == {"failed"}
+    assert json.loads(df["run_failure"][0])["dead_ranks"] == [1]
+
+
+def test_an_unclosed_run_whose_ranks_ended_together_is_closed_without_a_name(tmp_path):
+    w = open_run(tmp_path / "r")
+    conclude(w.dir, "h1", {0: 5.0, 1: 5.0, 2: 5.0}, settle_s=0)
+    man = read_run(w.dir)[0]
+    assert man["status"] == "failed" and man["failure"]["rank"] is None
+    assert "dead_ranks" not in man["failure"]
+
+
+def test_a_survivors_failure_gets_the_rank_that_ended_first(tmp_path):
+    """The survivor named every peer it found ended (the launcher had killed rank 0 too by
+    then); the watchdog adds which one ended first, and keeps what the survivor saw."""
+    w = open_run(tmp_path / "r")
+    w.close(status="failed", failure={"rank": 2, "reason": "allreduce failed: a peer may have died",
+                                      "dead_ranks": [0, 1]})
+    assert conclude(w.dir, "h1", {0: 5.4, 1: 5.0, 2: 5.5}, settle_s=0) == "amended"
+    failure = read_run(w.dir)[0]["failure"]
+    assert failure["first_ended"]["rank"] == 1 and failure["dead_ranks"] == [0, 1]
+
+
+@pytest.mark.parametrize("status, failure", [
+    ("ok", None),
+    ("interrupted", None),
+    # a run that completed with a failed case: its ranks exit normally, whoever exits first
+    ("failed", {"rank": None, "case": "a", "reason": "3 wrong element(s)", "num_cases": 1}),
+    # already says who ended first
+    ("failed", {"rank": 2, "reason": "x", "first_ended": {"rank": 0, "how": "signal SIGKILL"}}),
+])
+def test_a_closed_run_is_left_alone(tmp_path, status, failure):
+    w = open_run(tmp_path / "r")
+    w.close(status=status, **({"failure": failure} if failure else {}))
+    before = (w.dir / MANIFEST).read_bytes()
+    assert conclude(w.dir, "h1", {0: 5.4, 1: 5.0, 2: 5.5}, settle_s=0) == "left"
+    assert (w.dir / MANIFEST).read_bytes() == before
+
+
+def test_the_watchdog_process_closes_the_run_after_its_ranks_end(tmp_path):
+    """End to end: the module started as the harness starts it, two 'ranks' that never close
+    the run, the second killed first."""
+    w = open_run(tmp_path / "r")
+    a, b = sleeper(30), sleeper(30)
+    dog = subprocess.Popen([sys.executable, "-m", "microbench.watchdog", str(w.dir), "h1",
+                            f"0:{a.pid}", f"1:{b.pid}"])
+    try:
+        time.sleep(0.5)
+        b.kill()
+        time.sleep(0.5)
+        a.kill()
+        assert dog.wait(timeout=20) == 0
+    finally:
+        for p in (a, b, dog):
+            p.kill()
+            p.wait()
+    man = read_run(w.dir)[0]
+    assert man["status"] == "failed" and man["failure"]["first_ended"]["rank"] == 1
+
+
+def test_bad_arguments_are_a_usage_error():
+    res = subprocess.run([sys.executable, "-m", "microbench.watchdog", "/nonexistent", "h", "x:y"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "usage:" in res.stderr
