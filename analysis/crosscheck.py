@@ -296,13 +296,15 @@ def available_probes() -> tuple[list[str], list[str]]:
 
 def measure_probes(text: str, layout: list[str], *, tp: int, pp: int, dp: int, out: Path,
                    done: dict[tuple, list[Path]], have: list[str], timeout: float,
-                   compute_iters: tuple[int, int] | None = None) -> list[Path]:
+                   compute_iters: tuple[int, int] | None = None, compute_only: bool = False) -> list[Path]:
     """The probes at a run's exact shapes and rank count (so the cores are as busy as in the
     step); ``done`` caches run directories across layouts that share shapes. ``layout`` is
     the probes' --model/--tp/--pp/--dp flags. ``compute_iters`` = (iterations, warm-up) of
-    the compute probes (default: theirs)."""
+    the compute probes (default: theirs); ``compute_only``: the compute probes alone."""
     world = tp * pp * dp
     dirs: list[Path] = []
+    if compute_only:
+        have = [p for p in have if p in PROBES]
     its = ["-n", str(compute_iters[0]), "-w", str(compute_iters[1])] if compute_iters else []
     for probe in (p for p in PROBES if p in have):
         key = (probe, tp, world)  # compute shapes depend on tp; contention on the rank count

@@ -32,8 +32,8 @@ import pandas as pd
 
 from microbench.config import TrainConfig, preset, with_layout
 
-from .crosscheck import (Comparison, require_system, CrossCheckError, Measured, _run, available_probes, compare,
-                         measure_probes, measured_from_run, parse_layout)
+from .crosscheck import (PROBES, Comparison, require_system, CrossCheckError, Measured, _run, available_probes,
+                         compare, measure_probes, measured_from_run, parse_layout)
 from .predict import FrameworkTerms, predict
 from .provenance import extrapolated
 
@@ -50,6 +50,8 @@ class FrameworkRow:
     framework_detail: dict[str, float] = dataclasses.field(default_factory=dict)
     reference_s: float | None = None
     """The project's reference step (full_model.train) at the same configuration, median."""
+    predicted_runs_s: list[float] = dataclasses.field(default_factory=list)
+    """The prediction next to each framework run (interleaved probes), in run order."""
 
 
 def _run_framework(cfg: TrainConfig, *, source: Path, out: Path, iters: int, timeout: float) -> Path:
@@ -124,8 +126,8 @@ def framework_probe(cfg: TrainConfig, dirs: Sequence[Path], *, source: Path, out
 
 def run_megatron(layouts: Sequence[str], *, model: TrainConfig, source: Path, runs: int, iters: int,
                  warmup: int, out: Path, system: str | None, timeout: float = 1800,
-                 with_reference: bool = True, compute_iters: tuple[int, int] = (30, 5)
-                 ) -> tuple[list[FrameworkRow], list[str]]:
+                 with_reference: bool = True, compute_iters: tuple[int, int] = (30, 5),
+                 interleave: bool = True) -> tuple[list[FrameworkRow], list[str]]:
     from .load import load
     from .profile import MeasuredProfile, SpecProfile
     require_system("megatron", system)
@@ -167,26 +169,43 @@ def run_megatron(layouts: Sequence[str], *, model: TrainConfig, source: Path, ru
             reference_s = measured_from_run(ref).median_s
         fw, fw_detail = framework_probe(cfg, [*dirs, narrow], source=source, out=out / f"framework-probe-{text}",
                                         iters=iters, warmup=warmup, timeout=timeout, fallback=fallback)
-        medians, run_dirs = [], []
+        medians, run_dirs, per_run = [], [], []
         for r in range(runs):
+            run_profile = profile
+            if interleave:
+                # The compute probes again, just before this run: on a shared host the machine's
+                # speed drifts by 20 % over minutes (the same GEMM probe gave 315 and 256 ms per
+                # layer and micro-batch half an hour apart), so each run is priced by probes
+                # measured next to it, and the comparison is of medians over runs.
+                fresh = measure_probes(text, flags, tp=tp, pp=pp, dp=dp, out=out / f"run{r}-{text}", done={},
+                                       have=have, timeout=timeout, compute_iters=compute_iters,
+                                       compute_only=True)
+                kept = [d for d in dirs if d.name.split("-")[0] not in PROBES]
+                run_profile = MeasuredProfile.from_rows(load([*kept, *fresh]), fallback=fallback,
+                                                        name=f"measured-megatron-{text}-run{r}")
             d = _run_framework(cfg, source=source, out=out / f"megatron-{text}-run{r}", iters=iters, timeout=timeout)
             medians.append(steady_median_s(d, warmup=warmup)[0])
             run_dirs.append(str(d))
-        # DeepSpeed's engine reduces the gradients after the backward (ZeRO-0; ZeRO-1 without
-        # overlap_comm): no overlap with compute
+            # DeepSpeed's engine reduces the gradients after the backward (ZeRO-0; ZeRO-1 without
+            # overlap_comm): no overlap with compute
+            per_run.append((predict(cfg, run_profile, dp_overlap=False, framework=fw),
+                            predict(cfg, run_profile, dp_overlap=False).step_time_s, run_profile))
         measured = Measured(config=cfg, step_times_s=medians, source=", ".join(run_dirs), warmup=warmup,
                             dp_overlap=False)
-        base = predict(cfg, profile, dp_overlap=False)
-        cmp = compare(measured, profile, label=text)
-        cmp.prediction = predict(cfg, profile, dp_overlap=False, framework=fw)
-        rows.append(FrameworkRow(comparison=cmp, without_framework_s=base.step_time_s, framework=fw,
-                                 run_dirs=run_dirs, reference_s=reference_s, framework_detail=fw_detail))
+        # the run whose prediction is the median one (runs ≥ 3 odd: exactly the median)
+        order = sorted(range(runs), key=lambda i: per_run[i][0].step_time_s)
+        pred, base_s, mid_profile = per_run[order[(runs - 1) // 2]]
+        cmp = compare(measured, mid_profile, label=text)
+        cmp.prediction = pred
+        rows.append(FrameworkRow(comparison=cmp, without_framework_s=base_s, framework=fw,
+                                 run_dirs=run_dirs, reference_s=reference_s, framework_detail=fw_detail,
+                                 predicted_runs_s=[p[0].step_time_s for p in per_run]))
     return rows, notes
 
 
 def format_table(rows: Sequence[FrameworkRow]) -> str:
     head = (f"{'layout':<9}{'reference':>10}{'Megatron ms':>12}{'[min, max] over runs':>24}{'probes only':>13}{'+framework':>12}"
-            f"{'predicted':>11}{'error':>9}")
+            f"{'predicted':>11}{'[min, max] predicted':>24}{'error':>9}")
     lines = ["Megatron-DeepSpeed (real framework) vs prediction", head]
     for r in rows:
         c = r.comparison
@@ -194,8 +213,10 @@ def format_table(rows: Sequence[FrameworkRow]) -> str:
         rng = f"[{s['min'] * 1e3:.0f}, {s['max'] * 1e3:.0f}]"
         fw = r.framework.step_s(c.measured.config)
         ref = f"{r.reference_s * 1e3:.0f}" if r.reference_s is not None else "-"
+        pr = r.predicted_runs_s or [c.prediction.step_time_s]
+        prng = f"[{min(pr) * 1e3:.0f}, {max(pr) * 1e3:.0f}]"
         lines.append(f"{c.label:<9}{ref:>10}{c.measured.median_s * 1e3:>12.0f}{rng:>24}{r.without_framework_s * 1e3:>13.0f}"
-                     f"{fw * 1e3:>12.0f}{c.prediction.step_time_s * 1e3:>11.0f}{c.error_pct:>+8.1f}%")
+                     f"{fw * 1e3:>12.0f}{c.prediction.step_time_s * 1e3:>11.0f}{prng:>24}{c.error_pct:>+8.1f}%")
     lines += ["", "attribution, ms per step (predicted components; 'framework' = the framework probe):"]
     keys = [k for k in rows[0].comparison.prediction.breakdown_s] if rows else []
     lines.append(f"{'layout':<9}" + "".join(f"{k[:10]:>11}" for k in keys) + f"{'gap':>9}")
@@ -205,6 +226,8 @@ def format_table(rows: Sequence[FrameworkRow]) -> str:
         lines.append(f"{c.label:<9}" + "".join(f"{c.prediction.breakdown_s[k] * 1e3:>11.1f}" for k in keys)
                      + f"{gap * 1e3:>9.0f}")
     lines += ["", "reference = the project's own step (full_model.train) at the same configuration, median ms",
+              "predicted = the median of the predictions made next to each run (compute probes measured just "
+              "before it), with their range",
               "gap = measured − probes-only prediction: what the framework adds beyond the probed operations"]
     return "\n".join(lines)
 
@@ -219,6 +242,7 @@ def json_line(rows: Sequence[FrameworkRow], *, commit: str) -> str:
                     "predicted_without_framework_s": r.without_framework_s,
                     "framework_per_layer_microbatch_s": r.framework.per_layer_microbatch_s,
                     "framework_source": r.framework.source, **r.framework_detail, "runs_s": c.measured.step_times_s,
+                    "predicted_runs_s": r.predicted_runs_s,
                     "reference_step_s": r.reference_s, "components": c.prediction.breakdown_s})
     return json.dumps({"megatron_commit": commit, "layouts": out})
 
@@ -243,6 +267,9 @@ def add_args(sub: Any) -> None:
     g.add_argument("--probe-iters", type=int, default=30,
                    help="iterations of each compute probe case (the profile prices by their mean)")
     g.add_argument("--probe-warmup", type=int, default=5, help="warm-up iterations of each compute probe case")
+    g.add_argument("--no-interleave", action="store_true",
+                   help="price every run from the probes measured once up front (default: the compute "
+                        "probes again just before each framework run, and medians compared)")
     g.add_argument("--system", default=None, help="fallback spec for what no probe measured")
     g.add_argument("--out", default=None, help="where everything goes (default results/crosscheck-megatron-<time>)")
     g.add_argument("--timeout-s", type=float, default=1800.0, help="limit of each framework run and probe")
@@ -270,7 +297,7 @@ def main_megatron(a: Any) -> int:
     rows, notes = run_megatron([s for s in a.layouts.split(",") if s], model=model, source=source, runs=a.runs,
                                iters=a.iters, warmup=a.warmup, out=out, system=a.system, timeout=a.timeout_s,
                                with_reference=not a.no_reference,
-                               compute_iters=(a.probe_iters, a.probe_warmup))
+                               compute_iters=(a.probe_iters, a.probe_warmup), interleave=not a.no_interleave)
     print(format_table(rows))
     for n in notes + [n for r in rows for n in r.comparison.notes]:
         print(f"note: {n}")

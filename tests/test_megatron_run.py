@@ -162,3 +162,8 @@ def test_crosscheck_megatron_prints_the_table_and_json(tmp_path):
     assert row["layout"] == "tp2" and row["measured_min_s"] <= row["measured_s"] <= row["measured_max_s"]
     assert math.isclose(sum(row["components"].values()), row["predicted_s"], rel_tol=1e-9)
     assert "framework" in row["components"]
+    # interleaved: the compute probes measured again next to the run, which is priced by them
+    assert row["predicted_runs_s"] == [row["predicted_s"]]
+    assert (tmp_path / "run0-tp2" / "probes" / "gemm-tp2-w2" / "manifest.json").is_file()
+    # the framework probe's GEMMs measured at its narrowed shapes, not scaled down
+    assert (tmp_path / "probes" / "gemm-narrow-tp2" / "manifest.json").is_file()
