@@ -11,8 +11,10 @@ launch latency. fp32 because an AVX2-only CPU runs bf16 GEMMs ~40x slower than f
 
 Target (issue 11): predicted within ±15 % of the measured median per layout. The measured
 side is the median over ``--runs`` framework runs of each run's median after the warm-up;
-the spread is reported, never hidden. On a CPU shared with other work the spread is large:
-rerun on a quiet machine before drawing conclusions. Prints the table and one JSON line.
+the predicted side the median of the predictions made from the compute probes measured
+just before each run; both ranges are reported, never hidden. On a CPU shared with other
+work the spread is large: rerun on a quiet machine before drawing conclusions. Prints the
+table and one JSON line (~40 min for the four layouts on 2 cores).
 """
 from __future__ import annotations
 
