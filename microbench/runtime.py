@@ -381,23 +381,9 @@ class World:
     def dead_local_peers(self) -> list[int]:
         """Ranks on this host whose process has ended (gone or a zombie): who died, at once,
         without waiting for a report a SIGKILLed rank cannot send."""
-        dead = []
-        for r, pid in enumerate(self.pids):
-            if r == self.rank or self.hostnames[r] != self.hostname:
-                continue
-            try:
-                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
-                if state in ("Z", "X"):
-                    dead.append(r)
-            except (OSError, IndexError):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    dead.append(r)
-                except OSError:
-                    pass
-        return dead
+        from .watchdog import ended
+        return [r for r, pid in enumerate(self.pids)
+                if r != self.rank and self.hostnames[r] == self.hostname and ended(pid)]
 
     def crosses_nodes(self, ranks: Sequence[int]) -> bool:
         return len({self.hostnames[r] for r in ranks}) > 1

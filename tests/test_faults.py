@@ -164,6 +164,13 @@ def closed_failed_naming(out: Path, victim: int) -> dict:
     return man
 
 
+def start_mpi_sweep(out: Path, *, ranks: int):
+    """The allreduce sweep under ``mpiexec -n ranks``, once its first two rows are written."""
+    proc = start([mpiexec(), "-n", str(ranks), sys.executable, "-m", "microbench.allreduce", *SWEEP,
+                  "--out", str(out)])
+    return proc, wait_rows(out, 2, proc, timeout=180)
+
+
 @needs_mpi
 @pytest.mark.parametrize("victim", [2, 0])
 def test_mpiexec_rank_dies_and_the_run_names_it(tmp_path, victim):
@@ -179,9 +186,7 @@ def test_mpiexec_rank_dies_and_the_run_names_it(tmp_path, victim):
 @needs_mpi
 def test_mpiexec_sigkill_of_a_rank_leaves_a_run_naming_it(tmp_path):
     out = tmp_path / "r"
-    proc = start([mpiexec(), "-n", "4", sys.executable, "-m", "microbench.allreduce", *SWEEP,
-                  "--out", str(out)])
-    before = wait_rows(out, 2, proc, timeout=180)
+    proc, before = start_mpi_sweep(out, ranks=4)
     os.kill(rank_pid(str(out), 3, "PMI_RANK"), signal.SIGKILL)
     code, _, _ = finish(proc)
     assert code != 0
@@ -193,9 +198,7 @@ def test_mpiexec_sigkill_of_a_rank_leaves_a_run_naming_it(tmp_path):
 @needs_mpi
 def test_mpiexec_sigterm_marks_the_run_interrupted(tmp_path):
     out = tmp_path / "r"
-    proc = start([mpiexec(), "-n", "2", sys.executable, "-m", "microbench.allreduce", *SWEEP,
-                  "--out", str(out)])
-    before = wait_rows(out, 2, proc, timeout=180)
+    proc, before = start_mpi_sweep(out, ranks=2)
     os.kill(proc.pid, signal.SIGTERM)  # Hydra forwards it to every rank
     code, _, err = finish(proc)
     assert code == 128 + signal.SIGTERM
