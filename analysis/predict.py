@@ -246,7 +246,14 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
     br = dict.fromkeys(COMPONENTS, 0.0)
     for k, t in per_mb.items():
         br[k] += m * t
-    br["bubble"] = bubble_frac * m * stage_mb
+    if p.pp > 1 and v == 1:
+        # 1F1B with unequal end stages: the steady state runs at the bottleneck stage's pace
+        # (m × its time); the fill and drain pass once through every other stage, which
+        # carries the layers, the p2p and its own extras, not the bottleneck's.
+        other = {"first": (last_f, last_b), "last": (first_f, first_b)}[name]
+        br["bubble"] = (p.pp - 1) * (stage_mb - ex_f - ex_b) + sum(other)
+    else:
+        br["bubble"] = bubble_frac * m * stage_mb
     # the bubble idles for the same mix of work as the stage: booked with the stage's sources
     for src, t in ledger.shares({k: br[k] for k in per_mb}).items():
         for s, sec in t.items():

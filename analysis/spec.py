@@ -374,22 +374,33 @@ class SpecProfile(SystemProfile):
         k_ramp = gemm.k / (gemm.k + self.gemm_k_half)
         return self.gemm_max * q_tile * q_wave * k_ramp
 
-    def gemm_time_s(self, gemm: Gemm) -> float:
-        compute = gemm.flop / (self.peak_for(gemm.dtype) * 1e12 * self.gemm_efficiency(gemm))
-        memory = gemm.bytes / (self.mem_bw_gbps * 1e9 * self.memop_eff)  # roofline
+    def gemm_time_s(self, gemm: Gemm, *, efficiency: float | None = None) -> float:
+        """Roofline: the slower of the tensor-core time at the shape's efficiency and the
+        minimum traffic at the memory-bound ops' achieved bandwidth; plus a fixed latency.
+        ``efficiency`` replaces ``gemm_max`` (the attention's batched GEMMs use their own)."""
+        eff = self.gemm_efficiency(gemm)
+        if efficiency is not None:
+            eff *= efficiency / self.gemm_max
+        compute = gemm.flop / (self.peak_for(gemm.dtype) * 1e12 * eff)
+        memory = gemm.bytes / (self.mem_bw_gbps * 1e9 * self.memop_eff)
         return max(compute, memory) + self.gemm_latency_s
 
     def attention_time_s(self, att: Attention) -> float:
         """Fused (flash) attention: causal FLOPs at a fixed fraction of peak. Explicit
-        (unfused) attention: the full s×s score and context batched GEMMs, priced with the
-        GEMM quantization model at the attention efficiency (the softmax is a separate memop)."""
+        (unfused) attention, as Megatron's CoreAttention runs it: the batched GEMMs one by one,
+        each on the GEMM roofline at the attention efficiency. Forward Q·Kᵀ (s×s output, k =
+        head_dim) and P·V (k = s); backward dP = dO·Vᵀ (shaped as Q·Kᵀ), dV = Pᵀ·dO, dQ = dS·K
+        and dK = dSᵀ·Q (shaped as P·V). With k = head_dim the s×s score write costs about as
+        much as the arithmetic (2·head_dim FLOP per 2 bytes), so it is priced, not assumed
+        compute-bound (the softmax and dropout on the scores are separate memops)."""
         if self._attention_fused:
             flop = att.flop_causal if att.causal else att.flop
             return flop / (self.peak_for(att.dtype) * 1e12 * self.attention_eff) + self.gemm_latency_s
-        scores = Gemm("attention_scores", "fwd", att.seq, att.seq, att.head_dim, att.batch * att.heads, att.dtype)
-        q = self.gemm_efficiency(scores) / self.gemm_max
-        passes = 2 if att.phase == "fwd" else 4  # Q·Kᵀ and P·V; backward twice that
-        return att.flop / (self.peak_for(att.dtype) * 1e12 * self.attention_eff * q) + passes * self.gemm_latency_s
+        s, hd, batch = att.seq, att.head_dim, att.batch * att.heads
+        scores = Gemm("attention_scores", att.phase, s, s, hd, batch, att.dtype)
+        context = Gemm("attention_context", att.phase, s, hd, s, batch, att.dtype)
+        passes = (scores, context) if att.phase == "fwd" else (scores, context, context, context)
+        return sum(self.gemm_time_s(g, efficiency=self.attention_eff) for g in passes)
 
     @property
     def attention_fused(self) -> bool:

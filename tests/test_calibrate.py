@@ -48,6 +48,35 @@ def test_recovers_known_knobs_from_synthetic_times():
     assert values["efficiency.memop"] == pytest.approx(0.45, abs=0.02)
 
 
+LAYER = Knob("efficiency.layer_overhead_us", 0.0, 5000.0, 0.0, "test")
+
+
+def test_recovers_a_knob_whose_prior_sits_on_its_bound():
+    """layer_overhead_us starts at its prior 0, the lower bound: the fit must still find the
+    800 µs the times were made with (started on the bound, it used to stay at 0)."""
+    truth = SpecProfile.from_yaml("dgx-h100").with_knobs({"efficiency.gemm_max": 0.62, "efficiency.attention": 0.62,
+                                                          "efficiency.memop": 0.45, "efficiency.layer_overhead_us": 800.0})
+    _, values = fit(SpecProfile.from_yaml("dgx-h100"), _synthetic(truth), knobs=(GEMM, MEMOP, LAYER), max_nfev=60)
+    assert values["efficiency.layer_overhead_us"] == pytest.approx(800.0, rel=0.05)
+    assert values["efficiency.gemm_max"] == pytest.approx(0.62, abs=0.01)
+
+
+def test_a_few_much_slower_runs_do_not_drag_the_fit():
+    """A quarter of the runs 40 % slower (a straggler, a busy network): the default (Cauchy)
+    fit still prices the other runs within 2 %; soft-L1 and plain least squares on the same
+    data miss them by 5 % and more, which is what the redescending loss is for."""
+    truth = SpecProfile.from_yaml("dgx-h100").with_knobs({"efficiency.gemm_max": 0.62, "efficiency.attention": 0.62,
+                                                          "efficiency.memop": 0.45})
+    cases = [Case(c.cfg, c.step_time_s * (1.4 if i % 4 == 1 else 1.0), c.size)
+             for i, c in enumerate(_synthetic(truth))]
+    clean = [c for i, c in enumerate(cases) if i % 4 != 1]
+    start = SpecProfile.from_yaml("dgx-h100")
+    worst = {loss: np.abs(errors(fit(start, cases, knobs=(GEMM, MEMOP), max_nfev=60, loss=loss)[0], clean)).max()
+             for loss in ("cauchy", "soft_l1", "linear")}
+    assert worst["cauchy"] <= 0.02
+    assert worst["soft_l1"] > 0.05 and worst["linear"] > 0.05
+
+
 def test_out_of_sample_error_exposes_a_size_the_fit_cannot_explain():
     """Corrupt one model size's times by 1.5×: the fold that leaves it out must show ~33 %
     error on it, far more than any clean size shows out of sample."""
@@ -176,6 +205,6 @@ def test_out_of_sample_error_on_vtrain_by_model_size(system):
     oos = rep["out_of_sample"]
     assert oos["n"] == 109
     assert oos["mape"] < rep["uncalibrated"]["mape"]
-    assert oos["mape"] <= 0.085  # measured 7.9 % (80 GB) / see README; issue 13 asks ≤ 7 %
-    assert all(r["out_of_sample"]["mape"] <= 0.10 for r in rep["by_model_size"])
+    assert oos["mape"] <= 0.07  # measured 6.8 % on both files (README, Validation)
+    assert all(r["out_of_sample"]["mape"] <= 0.09 for r in rep["by_model_size"])
     assert all(k["stable"] and k["at_bound"] is None for k in rep["knobs"].values())

@@ -138,6 +138,21 @@ def _attention_rows(fused_s, explicit_s):
          "flop": fwd.flop, "time_us": explicit_s * 1e6, "status": "ok"}]), fwd
 
 
+def test_explicit_attention_pays_for_its_score_traffic():
+    """Unfused attention writes the s×s scores (Q·Kᵀ) and reads them back (P·V); with a short
+    head the traffic, not the arithmetic, sets the time, so a slower memory makes it slower
+    and it is never cheaper than moving those bytes once each way."""
+    from microbench.workload import Attention
+    p = SpecProfile.from_yaml("dgx-a100-80gb")
+    att = Attention("fwd", batch=2, heads=16, kv_heads=16, seq=2048, head_dim=64, dtype="fp16")
+    score_bytes = att.batch * att.heads * att.seq * att.seq * 2
+    slow = p.with_knobs({"efficiency.memop": 0.25})
+    assert slow.attention_time_s(att) >= 2 * score_bytes / (slow.mem_bw_gbps * 1e9 * 0.25)
+    assert slow.attention_time_s(att) > p.attention_time_s(att)
+    bwd = dataclasses.replace(att, phase="bwd")
+    assert p.attention_time_s(bwd) > p.attention_time_s(att)  # four GEMMs, one of them writing dP
+
+
 def test_attention_is_priced_on_the_path_the_framework_takes():
     df, fwd = _attention_rows(1e-3, 4e-3)
     spec = SpecProfile.from_yaml("aurora")
