@@ -3,9 +3,10 @@
 Per pipeline stage and micro-batch: forward and backward time of the stage's layers (GEMMs,
 attention core, memory-bound ops, TP collectives exposed as the profile says, recompute),
 pipeline p2p on the critical path, first/last-stage extras (embedding, LM head, loss). The
-step is the 1F1B (or interleaved) schedule over the slowest stage,
-(m + (p−1)/v)·(t_f + t_b) (Narayanan et al. 2021, §2.2), plus the exposed DP gradient sync
-and the optimizer step. Every shape and byte count comes from
+step is the 1F1B (or interleaved) schedule: m micro-batches at the slowest stage's pace plus
+the fill and drain, (p−1)/v·(t_f + t_b) for equal stages (Narayanan et al. 2021, §2.2); in
+1F1B the fill passes through the other stages, so it is priced with their time, not the
+bottleneck's. Then the exposed DP gradient sync and the optimizer step. Every shape and byte count comes from
 ``microbench.workload.workload(cfg)`` and ``memory_bytes(cfg)``; nothing is re-derived here.
 
 CLI: ``python -m analysis.predict --model alcf-1t --system aurora [--json]``.
@@ -44,6 +45,8 @@ class Prediction:
     stage_bwd_s: float
     num_microbatches: int
     bubble_fraction: float
+    """Idle fill and drain over the steady-state work, bubble / (m·(t_f + t_b)): (p−1)/(v·m)
+    for equal stages, less where the bottleneck stage carries extras the others lack."""
     tokens_per_s: float
     model_tflops_per_device: float
     mfu: float
@@ -307,7 +310,8 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
     sources["memory"] = prof_src["memory"]
     return Prediction(
         config=cfg, system=profile.name, step_time_s=step, breakdown_s=br,
-        stage_fwd_s=t_f, stage_bwd_s=t_b, num_microbatches=m, bubble_fraction=bubble_frac,
+        stage_fwd_s=t_f, stage_bwd_s=t_b, num_microbatches=m,
+        bubble_fraction=br["bubble"] / (m * stage_mb) if stage_mb > 0 else 0.0,
         tokens_per_s=p.global_batch * cfg.model.seq_len / step,
         model_tflops_per_device=tflops, mfu=tflops / profile.peak_tflops,
         fom=formulas.fom(cfg, step), memory_gib_per_device=mem_gib,
