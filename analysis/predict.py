@@ -231,8 +231,10 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
                "tp_comm": lay["tp_bwd"],
                "recompute": lay["gemm_re"] + lay["attn_re"] + lay["mem_re"] + lay["tp_re"]}
     layers = {k: Ls * (parts_f.get(k, 0.0) + parts_b.get(k, 0.0)) for k in set(parts_f) | set(parts_b)}
-    layers["overhead"] = Ls * ledger.add("overhead", profile.layer_overhead_source(),
-                                         profile.layer_overhead_time_s())
+    # The profile's per-layer framework overhead, unless the framework's own cost was measured
+    # (FrameworkTerms covers the same time: both would count it).
+    layers["overhead"] = 0.0 if framework is not None else \
+        Ls * ledger.add("overhead", profile.layer_overhead_source(), profile.layer_overhead_time_s())
     layers_f = Ls * sum(parts_f.values())
     stages = {"first": (first_f, first_b), "last": (last_f, last_b)}
     if p.pp == 1:

@@ -213,3 +213,18 @@ def test_zero2_reduces_gradients_every_micro_batch():
     z2 = predict(with_layout(base, zero_stage=2), prof, dp_overlap=False).breakdown_s["dp_sync"]
     m = base.parallel.num_microbatches
     assert m > 1 and z2 > z1  # the reduce-scatter m times instead of once
+
+
+def test_a_measured_framework_term_replaces_the_profiles_per_layer_overhead():
+    """The A100 profile carries a fitted per-layer overhead; a measured framework term is the
+    same time measured, so the two are never added."""
+    from analysis.predict import FrameworkTerms
+    cfg = with_layout(preset("tiny"), pp=2, global_batch=8)
+    prof = SpecProfile.from_yaml("dgx-a100-80gb")
+    base = predict(cfg, prof)
+    fw = predict(cfg, prof, framework=FrameworkTerms(per_layer_microbatch_s=1e-3, source="measured (test)"))
+    assert base.breakdown_s["overhead"] > 0
+    assert fw.breakdown_s["overhead"] == 0 and fw.breakdown_s["framework"] > 0
+    none = prof.with_knobs({"efficiency.layer_overhead_us": 0.0})
+    term = FrameworkTerms(per_layer_microbatch_s=1e-3, source="measured (test)")
+    assert fw.step_time_s == pytest.approx(predict(cfg, none, framework=term).step_time_s, rel=1e-12)
