@@ -24,8 +24,9 @@ The fit: ``scipy.optimize.least_squares`` on log(predicted/measured), bounded by
 limits, with a Cauchy loss of scale 0.05 (``--loss``). The loss is redescending because the
 anomalies in step-time data are gross and one-sided: in vTrain's runs about a fifth of the
 rows are 10–46 % slower than any configuration-level model can explain (the 39.1B TP-2 runs
-are slower than its TP-1 run; a 3.6B TP-8 run at micro-batch 64 takes twice the time of
-micro-batch 32), and almost none is that much faster. A soft-L1 loss still gives each such
+take 19–27 s, as long as its TP-1 run whose pipeline idles half the step, where TP 4 and 8
+take 14–17 s; a 3.6B TP-8 run at micro-batch 64 takes twice micro-batch 32), and almost
+none is that much faster. A soft-L1 loss still gives each such
 row a constant pull; the Cauchy loss lets its pull fade, so the knobs describe the runs that
 behaved. ``--loss soft_l1`` gives the previous fit for comparison (its figures are in the
 system YAMLs' calibration records).
