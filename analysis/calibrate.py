@@ -82,10 +82,10 @@ class Knob:
 # across leave-one-size-out folds on the vTrain data (the YAML files' calibration records
 # give the spreads). Tried and dropped (unstable or at a bound, issue 13): a separate
 # attention efficiency (spread 42–58 %: only the 3.6B runs see it), network efficiencies
-# (31–116 %), the GEMM k-ramp (92–111 %), a per-kernel latency in place of the per-layer
-# overhead (the same effect, ~67 µs a kernel, not a launch latency), a per-micro-batch
-# overhead per stage instead of per layer (spread 178 %); those are fixed in the YAML from
-# datasheets or the framework's code instead.
+# (31–116 %), the GEMM k-ramp (92–181 % over the variants tried), a per-kernel latency in
+# place of the per-layer overhead (the same effect, ~67 µs a kernel, not a launch latency),
+# a per-micro-batch overhead per stage instead of per layer (spread 178 %); those are fixed
+# in the YAML from datasheets or the framework's code instead.
 LOSS = "cauchy"
 F_SCALE = 0.05
 """Residual scale of the loss in log(predicted/measured): 5 %, the scale the earlier soft-L1
