@@ -6,8 +6,8 @@ pipeline p2p on the critical path, first/last-stage extras (embedding, LM head, 
 step is the 1F1B (or interleaved) schedule: m micro-batches at the slowest stage's pace plus
 the fill and drain, (p−1)/v·(t_f + t_b) for equal stages (Narayanan et al. 2021, §2.2); in
 1F1B the fill passes through the other stages, so it is priced with their time, not the
-bottleneck's. Then the exposed DP gradient sync and the optimizer step. Every shape and byte count comes from
-``microbench.workload.workload(cfg)`` and ``memory_bytes(cfg)``; nothing is re-derived here.
+bottleneck's. Then the exposed DP gradient sync and the optimizer step. Every shape and
+byte count comes from ``microbench.workload.workload(cfg)`` and ``memory_bytes(cfg)``; nothing is re-derived here.
 
 CLI: ``python -m analysis.predict --model alcf-1t --system aurora [--json]``.
 """

@@ -314,11 +314,16 @@ class SpecProfile(SystemProfile):
     def gemm_source(self, gemm: Gemm) -> str:
         return self.spec_source(f"device:peak_tflops.{gemm.dtype}", "device:compute_units",
                                 "device:mem_bw_gbps", "efficiency.gemm_max", "efficiency.gemm_tile",
-                                "efficiency.gemm_k_half", "efficiency.gemm_latency_us")
+                                "efficiency.gemm_k_half", "efficiency.gemm_latency_us", "efficiency.memop")
 
     def attention_source(self, att: Attention) -> str:
-        return self.spec_source(f"device:peak_tflops.{att.dtype}", "efficiency.attention",
-                                "efficiency.attention_fused")
+        if self._attention_fused:
+            return self.spec_source(f"device:peak_tflops.{att.dtype}", "efficiency.attention",
+                                    "efficiency.attention_fused", "efficiency.gemm_latency_us")
+        # explicit: its batched GEMMs on the GEMM roofline (attention_time_s)
+        return self.spec_source(f"device:peak_tflops.{att.dtype}", "device:compute_units", "device:mem_bw_gbps",
+                                "efficiency.attention", "efficiency.attention_fused", "efficiency.gemm_tile",
+                                "efficiency.gemm_k_half", "efficiency.gemm_latency_us", "efficiency.memop")
 
     def bytes_source(self, *, op: str = "copy", nbytes: float | None = None) -> str:
         return self.spec_source("device:mem_bw_gbps", "efficiency.memop", "efficiency.memop_latency_us")
@@ -397,8 +402,9 @@ class SpecProfile(SystemProfile):
             flop = att.flop_causal if att.causal else att.flop
             return flop / (self.peak_for(att.dtype) * 1e12 * self.attention_eff) + self.gemm_latency_s
         s, hd, batch = att.seq, att.head_dim, att.batch * att.heads
-        scores = Gemm("attention_scores", att.phase, s, s, hd, batch, att.dtype)
-        context = Gemm("attention_context", att.phase, s, hd, s, batch, att.dtype)
+        phase = "fwd" if att.phase == "fwd" else "dgrad"
+        scores = Gemm("attention_scores", phase, s, s, hd, batch, att.dtype)
+        context = Gemm("attention_context", phase, s, hd, s, batch, att.dtype)
         passes = (scores, context) if att.phase == "fwd" else (scores, context, context, context)
         return sum(self.gemm_time_s(g, efficiency=self.attention_eff) for g in passes)
 
