@@ -392,21 +392,15 @@ class SpecProfile(SystemProfile):
 
     def attention_time_s(self, att: Attention) -> float:
         """Fused (flash) attention: causal FLOPs at a fixed fraction of peak. Explicit
-        (unfused) attention, as Megatron's CoreAttention runs it: the batched GEMMs one by one,
-        each on the GEMM roofline at the attention efficiency. Forward Q·Kᵀ (s×s output, k =
-        head_dim) and P·V (k = s); backward dP = dO·Vᵀ (shaped as Q·Kᵀ), dV = Pᵀ·dO, dQ = dS·K
-        and dK = dSᵀ·Q (shaped as P·V). With k = head_dim the s×s score write costs about as
-        much as the arithmetic (2·head_dim FLOP per 2 bytes), so it is priced, not assumed
-        compute-bound (the softmax and dropout on the scores are separate memops)."""
+        (unfused) attention, as Megatron's CoreAttention runs it: its batched GEMMs
+        (``Attention.gemms``) one by one, each on the GEMM roofline at the attention
+        efficiency. With k = head_dim the s×s score write costs about as much as the
+        arithmetic (2·head_dim FLOP per 2 bytes), so it is priced, not assumed compute-bound
+        (the softmax and dropout on the scores are separate memops)."""
         if self._attention_fused:
             flop = att.flop_causal if att.causal else att.flop
             return flop / (self.peak_for(att.dtype) * 1e12 * self.attention_eff) + self.gemm_latency_s
-        s, hd, batch = att.seq, att.head_dim, att.batch * att.heads
-        phase = "fwd" if att.phase == "fwd" else "dgrad"
-        scores = Gemm("attention_scores", phase, s, s, hd, batch, att.dtype)
-        context = Gemm("attention_context", phase, s, hd, s, batch, att.dtype)
-        passes = (scores, context) if att.phase == "fwd" else (scores, context, context, context)
-        return sum(self.gemm_time_s(g, efficiency=self.attention_eff) for g in passes)
+        return sum(self.gemm_time_s(g, efficiency=self.attention_eff) for g in att.gemms)
 
     @property
     def attention_fused(self) -> bool:

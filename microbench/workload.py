@@ -58,11 +58,20 @@ class Attention:
     name: str = "attention_core"
 
     @property
+    def gemms(self) -> tuple[Gemm, ...]:
+        """The batched GEMMs an unfused attention runs, one per head and sample: forward Q·Kᵀ
+        (s×s output, k = head_dim) and P·V (k = s); backward dP = dO·Vᵀ (shaped as Q·Kᵀ),
+        dV = Pᵀ·dO, dQ = dS·K and dK = dSᵀ·Q (shaped as P·V)."""
+        s, hd, b = self.seq, self.head_dim, self.batch * self.heads
+        scores = Gemm("attention_scores", self.phase, s, s, hd, b, self.dtype)
+        context = Gemm("attention_context", self.phase, s, hd, s, b, self.dtype)
+        return (scores, context) if self.phase == "fwd" else (scores, context, context, context)
+
+    @property
     def flop(self) -> int:
-        """Full (non-causal) count: Q·Kᵀ and P·V are 2·s²·h each per head → 4·b·s²·h·heads
-        forward; backward does twice the forward's GEMM work (dQ, dK, dV, dP)."""
-        fwd = 4 * self.batch * self.heads * self.seq * self.seq * self.head_dim
-        return fwd if self.phase == "fwd" else 2 * fwd
+        """Full (non-causal) count, the GEMMs': Q·Kᵀ and P·V are 2·s²·h each per head →
+        4·b·s²·h·heads forward; backward does twice the forward's GEMM work."""
+        return sum(g.flop for g in self.gemms)
 
     @property
     def flop_causal(self) -> int:

@@ -221,10 +221,10 @@ def test_a_measured_framework_term_replaces_the_profiles_per_layer_overhead():
     from analysis.predict import FrameworkTerms
     cfg = with_layout(preset("tiny"), pp=2, global_batch=8)
     prof = SpecProfile.from_yaml("dgx-a100-80gb")
+    term = FrameworkTerms(per_layer_microbatch_s=1e-3, source="measured (test)")
     base = predict(cfg, prof)
-    fw = predict(cfg, prof, framework=FrameworkTerms(per_layer_microbatch_s=1e-3, source="measured (test)"))
+    fw = predict(cfg, prof, framework=term)
     assert base.breakdown_s["overhead"] > 0
     assert fw.breakdown_s["overhead"] == 0 and fw.breakdown_s["framework"] > 0
     none = prof.with_knobs({"efficiency.layer_overhead_us": 0.0})
-    term = FrameworkTerms(per_layer_microbatch_s=1e-3, source="measured (test)")
     assert fw.step_time_s == pytest.approx(predict(cfg, none, framework=term).step_time_s, rel=1e-12)
