@@ -1,2 +1,2 @@
 """Load results into pandas, fit, predict, project and cross-check."""
-from .load import load  # noqa: F401
+from analysis.load import load  # noqa: F401

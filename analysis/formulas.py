@@ -1,12 +1,11 @@
 """The published formulas the predictor reports, in one place, each with its source.
 
 Nothing here knows about systems or measurements: these are pure functions of a
-:class:`~microbench.config.TrainConfig` and a step time (or of α and β).
+:class:`~microbench.model.config.TrainConfig` and a step time (or of α and β).
 """
 from __future__ import annotations
 
-from microbench.config import TrainConfig
-from microbench.workload import megatron_lm_flop
+from microbench.model.config import TrainConfig
 
 
 def fom(cfg: TrainConfig, step_s: float) -> float:
@@ -20,20 +19,6 @@ def fom(cfg: TrainConfig, step_s: float) -> float:
     m = cfg.model
     s, d, L, b = m.seq_len, m.hidden, m.num_layers, cfg.parallel.global_batch
     return (6 * s * d * d + s * s * d) * b * L / step_s
-
-
-def megatron_flop(cfg: TrainConfig) -> float:
-    """Model FLOPs of one step, Megatron-DeepSpeed's "LM" formula; defined once, in the
-    workload, because the reference step (full_model) prints it too."""
-    return megatron_lm_flop(cfg)
-
-
-def megatron_tflops(cfg: TrainConfig, step_s: float, world: int | None = None) -> float:
-    """Per-device TFLOP/s as Megatron-DeepSpeed prints it: F / step / 1e12 / world."""
-    if step_s <= 0:
-        raise ValueError(f"step time must be > 0 s, got {step_s!r}")
-    world = world or cfg.parallel.world_size
-    return megatron_flop(cfg) / step_s / 1e12 / world
 
 
 def seed_step_time(cfg: TrainConfig, *, alpha: float, beta: float) -> float:

@@ -20,9 +20,13 @@ import warnings
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
-from microbench.results import ResultsError, iter_run_dirs, read_run
+from microbench.runtime.results import ResultsError, iter_run_dirs, read_run
+
+from analysis.errors import AnalysisError
+from analysis.fits import time_s
 
 MANIFEST_COLUMNS = ("hostname", "device", "device_name", "backend", "launcher", "world_size", "model",
                     "start_time", "status", "failure")
@@ -52,9 +56,8 @@ def load_run(run_dir: str | os.PathLike, *, allow_incomplete: bool | None = None
 def _check_complete(run_dir, manifest: dict, allow: bool) -> None:
     if manifest["status"] == "incomplete" and not allow:
         raise ResultsError(f"{run_dir}: incomplete run (its manifest was never closed: every rank "
-                           f"died or was killed); load(..., allow_incomplete=True) or "
-                           f"{ALLOW_INCOMPLETE_ENV}=1 to use its {manifest.get('num_rows', 'unknown')} "
-                           "row(s) anyway")
+                           f"died or was killed); --allow-incomplete (load(..., allow_incomplete=True), "
+                           f"{ALLOW_INCOMPLETE_ENV}=1) uses its rows anyway")
 
 
 def _frame(run_dir, manifest: dict, rows: list[dict]) -> pd.DataFrame:
@@ -82,7 +85,7 @@ def load(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
          allow_incomplete: bool | None = None) -> pd.DataFrame:
     """One DataFrame from run directories, parents of run directories, and benchmark JSON.
 
-    Raises :class:`microbench.results.ResultsError` naming the file and line of any
+    Raises :class:`microbench.runtime.results.ResultsError` naming the file and line of any
     malformed input; an unknown schema version is refused, not guessed at; an incomplete
     run is refused unless allowed (see the module's docstring). What was left out (a torn
     last line, a run named twice) is in ``df.attrs["problems"]`` and warned about.
@@ -94,7 +97,7 @@ def load(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
     dirs: list[Path] = []
     for p in _as_list(paths):
         if p.is_file() and p.suffix == ".json":
-            from .bench_json import load_benchmark_json
+            from analysis.bench_json import load_benchmark_json
             frames.append(load_benchmark_json(p))
         else:
             dirs.append(p)
@@ -114,3 +117,48 @@ def load(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
         warnings.warn(msg, stacklevel=2)
     df.attrs["problems"] = problems
     return df
+
+
+PRICED_KINDS = ("gemm", "attention", "memop", "allreduce", "allgather", "reduce_scatter", "alltoall",
+                "broadcast", "reduce", "sendrecv")
+"""Kinds priced by their time (an overlap row is priced by its exposed fraction)."""
+
+
+def select_ok_rows(df, *, include_failed: bool = False):
+    """(ok rows, notes). Rows with ``status == 'failed'`` or ``num_wrong > 0`` are refused
+    (AnalysisError naming how many and the flag) unless ``include_failed``: then they are
+    left out and a note says how many. Skipped rows (not supported there) are left out and
+    counted."""
+    status = df["status"].fillna("ok") if "status" in df.columns else None
+    wrong = df["num_wrong"].fillna(0).astype(float) > 0 if "num_wrong" in df.columns else None
+    bad = (status == "failed") if status is not None else None
+    if wrong is not None:
+        bad = wrong if bad is None else (bad | wrong)
+    notes = []
+    n_bad = int(bad.sum()) if bad is not None else 0
+    if n_bad:
+        n_wrong = int(wrong.sum()) if wrong is not None else 0
+        what = f"{n_bad} failed row(s) ({n_wrong} with num_wrong > 0)"
+        if not include_failed:
+            raise AnalysisError(f"profile rows: {what}; a failed case is not a measurement — "
+                                f"rerun it, or pass --include-failed to leave them out and price "
+                                f"from the rest")
+        notes.append(f"left out {what} (--include-failed)")
+        df = df[~bad]
+    if status is not None:
+        keep = df["status"].fillna("ok") == "ok"
+        if (~keep).any():
+            notes.append(f"left out {int((~keep).sum())} skipped row(s)")
+        df = df[keep]
+    if "kind" in df.columns and len(df):
+        priced = df[df["kind"].isin(PRICED_KINDS)]
+        if len(priced):
+            t = time_s(priced)
+            bad_t = ~np.isfinite(t.to_numpy(dtype=float)) | (t.to_numpy(dtype=float) <= 0)
+            if bad_t.any():
+                first = priced[bad_t].iloc[0]
+                raise AnalysisError(f"profile rows: {int(bad_t.sum())} ok row(s) without a finite time > 0 "
+                                    f"(first: {first.get('probe') or first.get('kind')} "
+                                    f"{first.get('case') or first.get('op')}: "
+                                    f"{t[bad_t].iloc[0]!r} s); NaN is wrong, not missing")
+    return df, notes

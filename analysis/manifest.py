@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from microbench.config import ModelConfig, ParallelConfig, TrainConfig, preset
+from microbench.model.config import ModelConfig, ParallelConfig, TrainConfig, preset
 
-from .errors import AnalysisError
+from analysis.errors import AnalysisError
 
 
 def config_from_manifest(manifest: Mapping[str, Any], where: str = "manifest") -> TrainConfig | None:

@@ -21,20 +21,19 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from microbench.collective import bus_factor
-from microbench.devices import DEVICES_FILE, match_device, spec_peak
-from microbench.workload import Attention, Collective, Gemm, MemOp
+from microbench.model.config import dtype_bytes
+from microbench.model.devices import DEVICES_FILE, match_device, spec_peak
+from microbench.model.metrics import bus_factor, tflops
+from microbench.model.systems import shipped_systems
+from microbench.model.workload import Attention, Collective, Gemm, HostPath, MemOp, TpSync
 
-from .errors import AnalysisError
-from .fits import FIT_KEYS, Fit, collective_points, fit_alpha_beta, is_derived, time_s
-from .provenance import display_path, extrapolated, measured, with_note
-from .spec import SpecProfile, shipped_systems
-from .system import COMPONENTS, SystemProfile
-
-
-PRICED_KINDS = ("gemm", "attention", "memop", "allreduce", "allgather", "reduce_scatter", "alltoall",
-                "broadcast", "reduce", "sendrecv")
-"""Kinds priced by their time (an overlap row is priced by its exposed fraction)."""
+from analysis.errors import AnalysisError
+from analysis.fits import FIT_KEYS, Fit, collective_points, fit_alpha_beta, is_derived, time_s
+from analysis.load import select_ok_rows
+from analysis.placement import Placement
+from analysis.provenance import display_path, extrapolated, measured, with_note
+from analysis.spec import SpecProfile
+from analysis.system import COMPONENTS, Priced, SystemProfile
 
 
 def _extra(row: Mapping[str, Any], key: str) -> Any:
@@ -48,48 +47,17 @@ def _frac(x: float) -> str:
     return f"{f.numerator}/{f.denominator}" if f.denominator > 1 and abs(float(f) - x) < 1e-12 else f"{x:g}"
 
 
+def _beyond(nbytes: float, lo: float, hi: float) -> str:
+    return "" if lo <= nbytes <= hi else (", priced above it" if nbytes > hi else ", priced below it")
+
+
+def _whole(v: Any) -> Any:
+    """A size read back from a table (64.0 where a column held a NaN) as written (64)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def _span(lo: float, hi: float) -> str:
     return f"at {lo:.4g} B" if lo == hi else f"over {lo:.4g}–{hi:.4g} B"
-
-
-def select_ok_rows(df, *, include_failed: bool = False):
-    """(ok rows, notes). Rows with ``status == 'failed'`` or ``num_wrong > 0`` are refused
-    (AnalysisError naming how many and the flag) unless ``include_failed``: then they are
-    left out and a note says how many. Skipped rows (not supported there) are left out and
-    counted."""
-    status = df["status"].fillna("ok") if "status" in df.columns else None
-    wrong = df["num_wrong"].fillna(0).astype(float) > 0 if "num_wrong" in df.columns else None
-    bad = (status == "failed") if status is not None else None
-    if wrong is not None:
-        bad = wrong if bad is None else (bad | wrong)
-    notes = []
-    n_bad = int(bad.sum()) if bad is not None else 0
-    if n_bad:
-        n_wrong = int(wrong.sum()) if wrong is not None else 0
-        what = f"{n_bad} failed row(s) ({n_wrong} with num_wrong > 0)"
-        if not include_failed:
-            raise AnalysisError(f"profile rows: {what}; a failed case is not a measurement — "
-                                f"rerun it, or pass --include-failed to leave them out and price "
-                                f"from the rest")
-        notes.append(f"left out {what} (--include-failed)")
-        df = df[~bad]
-    if status is not None:
-        keep = df["status"].fillna("ok") == "ok"
-        if (~keep).any():
-            notes.append(f"left out {int((~keep).sum())} skipped row(s)")
-        df = df[keep]
-    if "kind" in df.columns and len(df):
-        priced = df[df["kind"].isin(PRICED_KINDS)]
-        if len(priced):
-            t = time_s(priced)
-            bad_t = ~np.isfinite(t.to_numpy(dtype=float)) | (t.to_numpy(dtype=float) <= 0)
-            if bad_t.any():
-                first = priced[bad_t].iloc[0]
-                raise AnalysisError(f"profile rows: {int(bad_t.sum())} ok row(s) without a finite time > 0 "
-                                    f"(first: {first.get('probe') or first.get('kind')} "
-                                    f"{first.get('case') or first.get('op')}: "
-                                    f"{t[bad_t].iloc[0]!r} s); NaN is wrong, not missing")
-    return df, notes
 
 
 class MeasuredProfile(SystemProfile):
@@ -114,6 +82,11 @@ class MeasuredProfile(SystemProfile):
         """(kind, n, crosses) → (fit, num_groups, min bytes, max bytes) of the most concurrent groups."""
         self.p2p_fits: dict[bool, tuple[Fit, float, float]] = {}
         self._overlap: dict[str, tuple[float, str]] = {}
+        self.host_rows: dict[tuple[str, str], tuple[float, dict]] = {}
+        """(path, phase) → (host seconds, the row) of the host probe."""
+        self.sync_rows: dict[tuple[int, int], dict] = {}
+        """(group size, bytes of the reduction) → the tp_sync probe's row."""
+        self.asynchronous = fallback.asynchronous
         self._peak_source = fallback.sources()["peak"]
 
     @classmethod
@@ -147,9 +120,20 @@ class MeasuredProfile(SystemProfile):
                 if len(seen) > 1:
                     raise AnalysisError(f"profile rows come from different devices ({col}: "
                                         f"{', '.join(seen)}): build one profile per machine")
+        if "run_device" in df.columns and (df["run_device"] == "cpu").any():
+            self.asynchronous = False  # a CPU runs each operation before the host goes on
         df = df.assign(_t_s=time_s(df))
-        kind = df["kind"]
-        g = df[(kind == "gemm") & ~is_derived(df)]
+        self._ingest_gemms(df)
+        self._ingest_attention(df)
+        self._ingest_memops(df)
+        self._ingest_collectives(df)
+        self._ingest_overlap(df)
+        self._ingest_host(df)
+        self._ingest_sync(df)
+        self._ingest_peak(df)
+
+    def _ingest_gemms(self, df) -> None:
+        g = df[(df["kind"] == "gemm") & ~is_derived(df)]
         if "op" in g.columns:
             g = g[g["op"].fillna("") != "peak"]
         if "concurrent" in g.columns and (g["concurrent"] == "all").any():
@@ -157,18 +141,22 @@ class MeasuredProfile(SystemProfile):
         for _, r in g.iterrows():
             key = (int(r["m"]), int(r["n"]), int(r["k"]), int(r.get("batch", 1) or 1), str(r["dtype"]))
             self.gemm_table[key] = float(r["_t_s"])
-            rate = 2 * key[0] * key[1] * key[2] * key[3] / r["_t_s"] / 1e12
+            rate = tflops(2 * key[0] * key[1] * key[2] * key[3], r["_t_s"])
             self.max_gemm_tflops = max(self.max_gemm_tflops or 0.0, rate)
             if "scale" in r and r["scale"] == r["scale"] and r["scale"] is not None:
                 self.gemm_scales.add(float(r["scale"]))
-        # Attention: the rate of each path (fused / explicit) per phase. Which path a step
-        # takes is the framework's choice (the spec's attention_fused), not the probe's.
-        for _, r in df[kind == "attention"].iterrows():
+
+    def _ingest_attention(self, df) -> None:
+        """The rate of each path (fused / explicit) per phase. Which path a step takes is the
+        framework's choice (the spec's attention_fused), not the probe's."""
+        for _, r in df[df["kind"] == "attention"].iterrows():
             if r.get("flop") and r["_t_s"] > 0:
                 path = r.get("path") if isinstance(r.get("path"), str) else _extra(r, "path")
                 self.attention_rates.setdefault((str(path or "fused"), str(r["phase"])), []).append(
                     (float(r["flop"]), float(r["flop"]) / r["_t_s"]))
-        mo = df[(kind == "memop") & df["bytes_moved"].notna()] if "bytes_moved" in df.columns else df.iloc[0:0]
+
+    def _ingest_memops(self, df) -> None:
+        mo = df[(df["kind"] == "memop") & df["bytes_moved"].notna()] if "bytes_moved" in df.columns else df.iloc[0:0]
         for op, grp in mo.groupby("op"):
             b = grp["bytes_moved"].astype(float)
             self.memop_fits[str(op)] = fit_alpha_beta(b, grp["_t_s"])
@@ -177,6 +165,8 @@ class MeasuredProfile(SystemProfile):
             b = mo["bytes_moved"].astype(float)
             self.memop_fits["*"] = fit_alpha_beta(b, mo["_t_s"])
             self.memop_sizes["*"] = (float(b.min()), float(b.max()))
+
+    def _ingest_collectives(self, df) -> None:
         pts = collective_points(df.drop(columns=["_run"], errors="ignore"))
         for key, grp in (pts.groupby(list(FIT_KEYS)) if len(pts) else ()):
             k, n, ng, x = str(key[0]), int(key[1]), int(key[2]), bool(key[3])
@@ -189,10 +179,12 @@ class MeasuredProfile(SystemProfile):
             old = self.collective_fits.get((k, n, x))
             if old is None or ng > old[1]:
                 self.collective_fits[(k, n, x)] = (fit, ng, lo, hi)
-        # Overlap: only the DP sync's. The probe runs a collective beside *independent*
-        # GEMMs; Megatron's TP allreduces (no SP) feed the next op and stay on the critical
-        # path whatever the hardware could overlap, so a tp-axis figure is not applied.
-        for _, r in df[kind == "overlap"].iterrows():
+
+    def _ingest_overlap(self, df) -> None:
+        """Only the DP sync's. The probe runs a collective beside *independent* GEMMs;
+        Megatron's TP allreduces (no SP) feed the next op and stay on the critical path
+        whatever the hardware could overlap, so a tp-axis figure is not applied."""
+        for _, r in df[df["kind"] == "overlap"].iterrows():
             ef = _extra(r, "exposed_fraction")
             if ef is not None and r.get("axis") == "dp":
                 ef = float(ef)
@@ -202,35 +194,52 @@ class MeasuredProfile(SystemProfile):
                 src = measured() if v == ef else measured(
                     f"exposed fraction {ef:.3g} clamped to {v:g}: the probe's noise put it outside [0, 1]")
                 self._overlap["dp"] = (v, src)
-        # MFU is against the nominal peak of the device the GEMMs ran on (the device table,
-        # where the device is known), else against the best square GEMM it measured.
-        if len(self.gemm_table) and "run_peak_tflops" in df.columns and df["run_peak_tflops"].notna().any():
-            self.measured_peak_tflops = float(df["run_peak_tflops"].dropna().max())
-            dev = str(df["run_device_name"].dropna().iloc[0]) if "run_device_name" in df.columns and \
-                df["run_device_name"].notna().any() else None
-            nominal = spec_peak(dev, self.fallback.dtype)
-            if nominal:
-                self.peak_tflops = nominal
-                self._peak_source = (f"specified ({display_path(DEVICES_FILE)}: "
-                                     f"{match_device(dev)}.peak_tflops.{self.fallback.dtype})")
-            else:  # the device's ceiling is the fastest GEMM it did, square or not
-                best = max(self.measured_peak_tflops, self.max_gemm_tflops or 0.0)
-                self.peak_tflops = best
-                which = "the square peak GEMM" if best == self.measured_peak_tflops else \
-                    (f"a layer GEMM: the square peak GEMM's {self.measured_peak_tflops:.3g} TFLOP/s "
-                     f"was slower")
-                self._peak_source = measured(f"{best:.3g} TFLOP/s, the fastest GEMM of the run, {which}; "
-                                             f"{dev or 'this device'} is not in {display_path(DEVICES_FILE)}")
+
+    def _ingest_host(self, df) -> None:
+        """The host probe's rows: per attention path and phase, the phase less its operations
+        one by one (``host_us``), priced by the mean over iterations of the layer's time."""
+        for _, r in df[df["kind"] == "host"].iterrows():
+            ops_s = float(r.get("ops_us") or 0.0) * 1e-6
+            self.host_rows[(str(r.get("path")), str(r["phase"]))] = (max(0.0, float(r["_t_s"]) - ops_s), dict(r))
+
+    def _ingest_sync(self, df) -> None:
+        """The tp_sync probe's rows, by group size and the reduction's bytes."""
+        if "sync_us" not in df.columns:
+            return
+        for _, r in df[(df["kind"] == "tp_sync") & df["sync_us"].notna()].iterrows():
+            nbytes = int(r["elements"]) * dtype_bytes(str(r["dtype"]))
+            self.sync_rows[(int(r["group_size"]), nbytes)] = dict(r)
+
+    def _ingest_peak(self, df) -> None:
+        """MFU is against the nominal peak of the device the GEMMs ran on (the device table,
+        where the device is known), else against the fastest GEMM it did, square or not."""
+        if not (len(self.gemm_table) and "run_peak_tflops" in df.columns and df["run_peak_tflops"].notna().any()):
+            return
+        self.measured_peak_tflops = float(df["run_peak_tflops"].dropna().max())
+        dev = str(df["run_device_name"].dropna().iloc[0]) if "run_device_name" in df.columns and \
+            df["run_device_name"].notna().any() else None
+        nominal = spec_peak(dev, self.fallback.dtype)
+        if nominal:
+            self.peak_tflops = nominal
+            self._peak_source = (f"specified ({display_path(DEVICES_FILE)}: "
+                                 f"{match_device(dev)}.peak_tflops.{self.fallback.dtype})")
+            return
+        best = max(self.measured_peak_tflops, self.max_gemm_tflops or 0.0)
+        self.peak_tflops = best
+        which = "the square peak GEMM" if best == self.measured_peak_tflops else \
+            (f"a layer GEMM: the square peak GEMM's {self.measured_peak_tflops:.3g} TFLOP/s was slower")
+        self._peak_source = measured(f"{best:.3g} TFLOP/s, the fastest GEMM of the run, {which}; "
+                                     f"{dev or 'this device'} is not in {display_path(DEVICES_FILE)}")
 
     # pricing and provenance ------------------------------------------------------------
-    def _gemm(self, gemm: Gemm) -> tuple[float, str]:
+    def gemm(self, gemm: Gemm) -> Priced:
         key = (gemm.m, gemm.n, gemm.k, gemm.batch, gemm.dtype)
         if key in self.gemm_table:
-            return self.gemm_table[key], measured()
+            return Priced(self.gemm_table[key], measured())
         same = [(k, t) for k, t in self.gemm_table.items() if k[4] == gemm.dtype]
-        spec_t = self.fallback.gemm_time_s(gemm)
+        spec = self.fallback.gemm(gemm)
         if not same:
-            return spec_t, self.fallback.gemm_source(gemm)
+            return spec
         # The spec model's shape dependence, corrected by the measured/spec ratio of the
         # nearest measured shapes (inverse-distance weights in log m, n, k).
         x = np.log([gemm.m, gemm.n, gemm.k * gemm.batch])
@@ -238,11 +247,11 @@ class MeasuredProfile(SystemProfile):
                      key=lambda p: p[0])
         num = den = 0.0
         for dist, k, t in pts[:4]:
-            ref = self.fallback.gemm_time_s(Gemm("ref", "fwd", k[0], k[1], k[2], k[3], k[4]))
+            ref = self.fallback.gemm_seconds(Gemm("ref", "fwd", k[0], k[1], k[2], k[3], k[4]))
             w = 1.0 / (dist + 1e-3)
             num += w * math.log(t / ref)
             den += w
-        t = spec_t * math.exp(num / den)
+        t = spec.seconds * math.exp(num / den)
         scale = ", ".join(f"scale {_frac(s)} → 1" for s in sorted(self.gemm_scales) if s != 1)
         src = extrapolated(f"{min(4, len(pts))} nearest of {len(same)} measured {gemm.dtype} GEMM shapes"
                            f"{' (' + scale + ')' if scale else ''} by the {self.fallback.where} shape model")
@@ -250,20 +259,14 @@ class MeasuredProfile(SystemProfile):
         # measured layer GEMM, whichever is faster): a small measured shape says nothing of a
         # rate beyond that.
         ceiling = max(self.measured_peak_tflops or 0.0, self.max_gemm_tflops or 0.0)
-        if ceiling and gemm.flop / t / 1e12 > ceiling:
+        if ceiling and tflops(gemm.flop, t) > ceiling:
             # the per-shape rate before the clamp is left out of the text on purpose: one
             # source line for every GEMM so clamped (the table shows each GEMM's seconds)
             src = with_note(src, f"clamped to the fastest measured {ceiling:.3g} TFLOP/s")
             t = gemm.flop / (ceiling * 1e12)
-        return t, src
+        return Priced(t, src)
 
-    def gemm_time_s(self, gemm: Gemm) -> float:
-        return self._gemm(gemm)[0]
-
-    def gemm_source(self, gemm: Gemm) -> str:
-        return self._gemm(gemm)[1]
-
-    def _attention(self, att: Attention) -> tuple[float, str]:
+    def attention(self, att: Attention) -> Priced:
         path = "fused" if self.attention_fused else "explicit"
         pts = self.attention_rates.get((path, att.phase))
         how = ""
@@ -271,112 +274,103 @@ class MeasuredProfile(SystemProfile):
             pts = [pt for (p, ph), v in self.attention_rates.items() if ph == att.phase for pt in v]
             how = f"; the {path} path was not measured, the other path's rate used"
         if not pts:
-            return self.fallback.attention_time_s(att), self.fallback.attention_source(att)
+            return self.fallback.attention(att)
         lf = math.log(att.flop)
         flop, rate = min(pts, key=lambda p: abs(math.log(p[0]) - lf))
         t = att.flop / rate
         if not how and math.isclose(flop, att.flop, rel_tol=1e-9):
-            return t, measured()
-        return t, extrapolated(f"rate measured at {flop:.3g} FLOP applied to {att.flop:.3g} FLOP{how}")
-
-    def attention_time_s(self, att: Attention) -> float:
-        return self._attention(att)[0]
-
-    def attention_source(self, att: Attention) -> str:
-        return self._attention(att)[1]
+            return Priced(t, measured())
+        return Priced(t, extrapolated(f"rate measured at {flop:.3g} FLOP applied to {att.flop:.3g} FLOP{how}"))
 
     @property
     def attention_fused(self) -> bool:
         return self.fallback.attention_fused
 
-    def memop_time_s(self, op: MemOp) -> float:
-        return self.bytes_time_s(op.bytes, op=op.name)
-
-    def memop_source(self, op: MemOp) -> str:
-        return self.bytes_source(op=op.name, nbytes=op.bytes)
-
-    def bytes_time_s(self, nbytes: float, *, op: str = "copy") -> float:
-        fit = self.memop_fits.get(op) or self.memop_fits.get("*")
-        return fit.time_s(nbytes) if fit else self.fallback.bytes_time_s(nbytes, op=op)
-
-    def bytes_source(self, *, op: str = "copy", nbytes: float | None = None) -> str:
-        key = op if op in self.memop_fits else "*"
+    def memop(self, op: MemOp) -> Priced:
+        if op.name == "softmax" and not self.attention_fused and \
+                ("explicit", "bwd" if op.phase == "bwd" else "fwd") in self.attention_rates:
+            return Priced(0.0, measured(f"in the explicit attention probe's {op.phase} call, which times the scores' "
+                                        "mask and softmax with Q·Kᵀ and P·V; not priced again"))
+        key = op.name if op.name in self.memop_fits else "*"
         if key not in self.memop_fits:
-            return self.fallback.bytes_source(op=op)
+            return self.fallback.memop(op)
+        t = self.memop_fits[key].time_s(op.bytes)
         lo, hi = self.memop_sizes[key]
-        what = f"{op}" if key == op else f"all memory-bound ops ({op} not measured)"
-        if key == op and nbytes is not None and lo <= nbytes <= hi:
-            return measured() if lo == hi else measured(f"α–β fit of {what} {_span(lo, hi)}")
-        beyond = "" if nbytes is None else (", priced above it" if nbytes > hi else ", priced below it")
-        return extrapolated(f"α–β fit of {what} measured {_span(lo, hi)}{beyond}")
+        what = f"{op.name}" if key == op.name else f"all memory-bound ops ({op.name} not measured)"
+        if key == op.name and lo <= op.bytes <= hi:
+            return Priced(t, measured() if lo == hi else measured(f"α–β fit of {what} {_span(lo, hi)}"))
+        beyond = ", priced above it" if op.bytes > hi else ", priced below it" if op.bytes < lo else ""
+        return Priced(t, extrapolated(f"α–β fit of {what} measured {_span(lo, hi)}{beyond}"))
 
-    def _collective(self, coll: Collective, crosses_nodes: bool, num_groups: int,
-                    ranks_per_node_in_group: int | None) -> tuple[float, str]:
-        n = coll.group_size
+    def collective(self, coll: Collective, placement: Placement) -> Priced:
+        n, crosses = coll.group_size, placement.crosses_nodes
         if n <= 1:
-            return 0.0, measured("a group of one rank moves nothing")
-        if coll.kind == "sendrecv":
-            return self._p2p(coll, crosses_nodes)
-        hit = self.collective_fits.get((coll.kind, n, crosses_nodes))
+            return Priced(0.0, measured("a group of one rank moves nothing"))
+        hit = self.collective_fits.get((coll.kind, n, crosses))
         if hit:
             fit, ng, lo, hi = hit
-            t = fit.time_s(coll.bytes)
-            groups = "" if ng >= num_groups else f"; {ng} of {num_groups} concurrent groups measured"
+            groups = "" if ng >= placement.num_groups else f"; {ng} of {placement.num_groups} concurrent groups measured"
             if lo <= coll.bytes <= hi and not groups:
-                return t, measured(f"α–β fit of {coll.kind} n={n} {_span(lo, hi)}")
-            where = "" if lo <= coll.bytes <= hi else \
-                (", priced above it" if coll.bytes > hi else ", priced below it")
-            return t, extrapolated(f"α–β fit of {coll.kind} n={n} measured {_span(lo, hi)}{where}{groups}")
-        near = [(k[1], v) for k, v in self.collective_fits.items() if k[0] == coll.kind and k[2] == crosses_nodes]
-        if near:  # nearest measured group size, bandwidth term rescaled by the bus factor
-            m, (f, ng, lo, hi) = min(near, key=lambda p: abs(math.log(p[0] / n)))
-            t = f.alpha_s + f.beta_s_per_byte * coll.bytes * bus_factor(coll.kind, n) / bus_factor(coll.kind, m)
-            return t, extrapolated(f"{coll.kind} group size {m} → {n} by bus factor, α–β fit measured "
-                                   f"{_span(lo, hi)}" + ("" if lo <= coll.bytes <= hi else
-                                                         ", priced above it" if coll.bytes > hi else
-                                                         ", priced below it"))
-        t = self.fallback.collective_time_s(coll, crosses_nodes=crosses_nodes, num_groups=num_groups,
-                                            ranks_per_node_in_group=ranks_per_node_in_group)
-        return t, self.fallback.collective_source(coll, crosses_nodes=crosses_nodes)
+                return Priced(fit.time_s(coll.bytes), measured(f"α–β fit of {coll.kind} n={n} {_span(lo, hi)}"))
+            return Priced(fit.time_s(coll.bytes), extrapolated(
+                f"α–β fit of {coll.kind} n={n} measured {_span(lo, hi)}{_beyond(coll.bytes, lo, hi)}{groups}"))
+        near = [(k[1], v) for k, v in self.collective_fits.items() if k[0] == coll.kind and k[2] == crosses]
+        if not near:
+            return self.fallback.collective(coll, placement)
+        # The nearest measured group size: the bandwidth term rescaled by the bus factor, the
+        # per-call latency by the spec's group-size law (ring 2(n−1) steps, tree 2·log2 n).
+        m, (f, _, lo, hi) = min(near, key=lambda p: abs(math.log(p[0] / n)))
+        tier = "inter" if crosses else "intra"
+        law_m, law_n = (self.fallback.alpha_s(tier, coll.kind, g) for g in (m, n))
+        alpha = f.alpha_s * (law_n / law_m if law_m > 0 else 1.0)
+        t = alpha + f.beta_s_per_byte * coll.bytes * bus_factor(coll.kind, n) / bus_factor(coll.kind, m)
+        return Priced(t, extrapolated(
+            f"{coll.kind} group size {m} → {n} by bus factor and the {self.fallback.latency[tier].law} "
+            f"latency law, α–β fit measured {_span(lo, hi)}{_beyond(coll.bytes, lo, hi)}"))
 
-    def collective_time_s(self, coll: Collective, *, crosses_nodes: bool, num_groups: int = 1,
-                          ranks_per_node_in_group: int | None = None) -> float:
-        return self._collective(coll, crosses_nodes, num_groups, ranks_per_node_in_group)[0]
-
-    def collective_source(self, coll: Collective, *, crosses_nodes: bool, num_groups: int = 1,
-                          ranks_per_node_in_group: int | None = None) -> str:
-        return self._collective(coll, crosses_nodes, num_groups, ranks_per_node_in_group)[1]
-
-    def _p2p(self, coll: Collective, crosses_nodes: bool) -> tuple[float, str]:
-        hit = self.p2p_fits.get(crosses_nodes)
+    def p2p(self, coll: Collective, placement: Placement) -> Priced:
+        hit = self.p2p_fits.get(placement.crosses_nodes)
         if not hit:
-            return (self.fallback.p2p_time_s(coll, crosses_nodes=crosses_nodes),
-                    self.fallback.p2p_source(crosses_nodes=crosses_nodes))
+            return self.fallback.p2p(coll, placement)
         fit, lo, hi = hit
         if lo <= coll.bytes <= hi:
-            return fit.time_s(coll.bytes), measured(f"α–β fit of send/recv {_span(lo, hi)}")
-        return fit.time_s(coll.bytes), extrapolated(f"α–β fit of send/recv measured {_span(lo, hi)}, priced "
-                                                    f"{'above' if coll.bytes > hi else 'below'} it")
+            return Priced(fit.time_s(coll.bytes), measured(f"α–β fit of send/recv {_span(lo, hi)}"))
+        return Priced(fit.time_s(coll.bytes), extrapolated(f"α–β fit of send/recv measured {_span(lo, hi)}"
+                                                           f"{_beyond(coll.bytes, lo, hi)}"))
 
-    def p2p_time_s(self, coll: Collective, *, crosses_nodes: bool) -> float:
-        return self._p2p(coll, crosses_nodes)[0]
+    def overlap(self, kind: str) -> Priced:
+        return Priced(*self._overlap[kind]) if kind in self._overlap else self.fallback.overlap(kind)
 
-    def p2p_source(self, *, crosses_nodes: bool, coll: Collective | None = None) -> str:
-        if coll is not None:
-            return self._p2p(coll, crosses_nodes)[1]
-        return measured() if crosses_nodes in self.p2p_fits else self.fallback.p2p_source(crosses_nodes=crosses_nodes)
+    def host(self, h: HostPath) -> Priced:
+        """The host probe's phase, for the attention path the step takes (the other path's
+        where that one was not measured)."""
+        path = "fused" if self.attention_fused else "explicit"
+        hit = self.host_rows.get((path, h.phase))
+        how = ""
+        if hit is None:
+            hit = next((v for (p, ph), v in self.host_rows.items() if ph == h.phase), None)
+            how = f"; the {path} attention path was not measured, the other's used"
+        if hit is None:
+            return self.fallback.host(h)
+        seconds, row = hit
+        return Priced(h.count * seconds, extrapolated(
+            f"host probe at hidden {_whole(row.get('hidden'))} seq {_whole(row.get('seq'))}: the layer's {h.phase} less its "
+            f"operations one by one, {seconds * 1e6:.1f} us; host time taken as width-independent{how}"))
 
-    def overlap(self, kind: str) -> float:
-        return self._overlap[kind][0] if kind in self._overlap else self.fallback.overlap(kind)
-
-    def overlap_source(self, kind: str) -> str:
-        return self._overlap[kind][1] if kind in self._overlap else self.fallback.overlap_source(kind)
-
-    def layer_overhead_time_s(self) -> float:
-        return self.fallback.layer_overhead_time_s()
-
-    def layer_overhead_source(self) -> str:
-        return self.fallback.layer_overhead_source()
+    def tp_sync(self, op: TpSync) -> Priced:
+        """The probe's in-step cost per reduction (its in-step call less the call after a
+        barrier) at exactly this group size and size. It is made by the layer's work between
+        reductions, not by the bytes, so another size (the framework probe's narrowed run,
+        whose own waits are in its host time) is not priced from it: the spec answers."""
+        r = self.sync_rows.get((op.group_size, op.bytes)) if op.kind == "allreduce" else None
+        if r is None:
+            return self.fallback.tp_sync(op)
+        raw = float(r["sync_us"]) * 1e-6
+        what = (f"tp_sync probe, n={op.group_size}, {_whole(r['layers'])} layers fwd+bwd: reduction in the step "
+                f"{float(r['allreduce_in_step_us']):.0f} us − after a barrier {float(r['allreduce_alone_us']):.0f} us")
+        if raw < 0:
+            what += f"; {raw * 1e6:.0f} us clamped to 0"
+        return Priced(max(raw, 0.0), measured(what))
 
     def sources(self) -> dict[str, str]:
         """The profile as a whole: a component is ``measured`` where rows priced it, with what
@@ -400,6 +394,10 @@ class MeasuredProfile(SystemProfile):
                 out[comp] = measured()
         for k, (_, src) in self._overlap.items():
             out[f"overlap.{k}"] = src
+        if self.sync_rows:
+            out["tp_sync"] = measured(f"tp_sync probe: {len(self.sync_rows)} case(s)")
+        if self.host_rows:
+            out["host"] = extrapolated(f"host probe: {len(self.host_rows)} phase(s) at a narrowed width")
         return out
 
 
@@ -427,11 +425,15 @@ def measured_components(df) -> list[str]:
             have.append(f"p2p.{'inter' if x else 'intra'}")
     if (kind == "overlap").any():
         have.append("overlap.dp")
+    if (kind == "host").any():
+        have.append("host")
+    if (kind == "tp_sync").any():
+        have.append("tp_sync")
     return [c for c in COMPONENTS if c in have]
 
 
 def load_profile(*, system: str | None = None, profile_dirs: list[str] | None = None,
-                 include_failed: bool = False) -> SystemProfile:
+                 include_failed: bool = False, allow_incomplete: bool | None = None) -> SystemProfile:
     """The CLI's rule: ``--system`` alone → spec; ``--profile`` → measured over ``--system``
     (required: what the rows do not measure is specified by the user, never invented)."""
     spec = SpecProfile.from_yaml(system) if system else None
@@ -440,6 +442,7 @@ def load_profile(*, system: str | None = None, profile_dirs: list[str] | None = 
             raise AnalysisError("give --system NAME (a spec) and/or --profile RUN_DIR (measured rows "
                                 "over that spec)")
         return spec
-    from .load import load
-    return MeasuredProfile.from_rows(load(profile_dirs), fallback=spec, include_failed=include_failed,
+    from analysis.load import load
+    return MeasuredProfile.from_rows(load(profile_dirs, allow_incomplete=allow_incomplete), fallback=spec,
+                                     include_failed=include_failed,
                                      name=f"measured({','.join(map(str, profile_dirs))})")

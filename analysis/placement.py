@@ -1,12 +1,14 @@
 """Where the groups of a parallel axis live: does a group cross nodes, how many of its ranks
-share a node. Megatron's order (tp fastest, then dp, then pp) and the system's ranks per node.
+share a node. The rank order is microbench.model.grid.Grid's (Megatron's: tp fastest, then dp,
+then pp), the node size the system's ranks per node.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 
-from microbench.config import TrainConfig
+from microbench.model.config import TrainConfig
+from microbench.model.grid import AXES, Grid
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,34 +22,46 @@ class Placement:
     """Groups of this axis running at once (all of them, in a training step)."""
 
 
-@functools.lru_cache(maxsize=65536)  # pure in its (frozen, hashable) arguments; calibration asks it 10⁵ times
 def group_placement(cfg: TrainConfig, axis: str, *, ranks_per_node: int) -> Placement:
-    """Where the groups of ``axis`` live, Megatron order: rank = t + tp·(d + dp·p).
+    """Where the groups of ``axis`` live for ``cfg``'s layout (see :func:`grid_placement`)."""
+    p = cfg.parallel
+    return grid_placement(Grid(tp=p.tp, pp=p.pp, dp=p.dp), axis, ranks_per_node=ranks_per_node)
+
+
+def grid_placement(grid: Grid, axis: str, *, ranks_per_node: int) -> Placement:
+    """Where the groups of ``axis`` live on ``grid`` (its rank order: :meth:`Grid.rank_of`).
 
     Every group is looked at (TP 8 on 12-rank nodes keeps group 0 inside a node but splits
     group 1): a collective runs as slow as its worst group, so the placement is the worst
     one — crosses nodes if any group does, the fewest ranks per node, the most nodes. A
-    group's node pattern depends only on its first rank modulo the node size, so at most
-    ranks_per_node distinct starts need looking at.
+    group's node pattern depends only on its first rank modulo the node size, and a group's
+    first rank modulo the node size repeats once any other axis' coordinate passes the node
+    size, so at most ranks_per_node² starts are enumerated and at most ranks_per_node groups
+    walked: a 100k-rank world costs milliseconds.
     """
     if ranks_per_node < 1:
         raise ValueError(f"ranks_per_node {ranks_per_node}: must be ≥ 1")
-    p = cfg.parallel
-    size, stride = {"tp": (p.tp, 1), "dp": (p.dp, p.tp), "pp": (p.pp, p.tp * p.dp)}[axis]
-    rpn = ranks_per_node
-    if axis == "tp":
-        starts = {(p.tp * j) % rpn for j in range(min(p.dp * p.pp, rpn))}
-    elif axis == "dp":
-        starts = {(t + p.tp * p.dp * k) % rpn for t in range(p.tp) for k in range(min(p.pp, rpn))}
-    else:
-        starts = {(t + p.tp * d) % rpn for t in range(p.tp) for d in range(min(p.dp, rpn))}
-    worst_nodes, fewest = 1, size
-    for r in starts:
+    return _grid_placement(grid, axis, ranks_per_node)
+
+
+@functools.lru_cache(maxsize=65536)  # pure in its hashable arguments; calibration asks it 10⁵ times
+def _grid_placement(grid: Grid, axis: str, rpn: int) -> Placement:
+    sizes = {a: getattr(grid, a) for a in AXES}
+    if axis not in sizes:
+        raise ValueError(f"axis {axis!r}: choose one of {', '.join(AXES)}")
+    a, b = (x for x in AXES if x != axis)
+    starts: dict[int, dict[str, int]] = {}  # first rank mod node size → the other axes' coordinates
+    for i in range(min(sizes[a], rpn)):
+        for j in range(min(sizes[b], rpn)):
+            fixed = {a: i, b: j}
+            starts.setdefault(grid.rank_of(**fixed, **{axis: 0}) % rpn, fixed)
+    worst_nodes, fewest = 1, sizes[axis]
+    for fixed in starts.values():
         per_node: dict[int, int] = {}
-        for i in range(size):
-            node = (r + i * stride) // rpn
+        for k in range(sizes[axis]):
+            node = grid.rank_of(**fixed, **{axis: k}) // rpn
             per_node[node] = per_node.get(node, 0) + 1
         worst_nodes = max(worst_nodes, len(per_node))
         fewest = min(fewest, min(per_node.values()))
     return Placement(crosses_nodes=worst_nodes > 1, ranks_per_node_in_group=max(1, fewest),
-                     num_nodes=worst_nodes, num_groups=p.world_size // size)
+                     num_nodes=worst_nodes, num_groups=grid.size // sizes[axis])

@@ -18,11 +18,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from microbench.collective import bus_factor
+from microbench.model.metrics import bus_factor
 
-from .fits import COLLECTIVE_KINDS, FIT_KEYS, Fit, collective_points
-from .fits import collective_fits as fit_collectives
-from .provenance import WORDS, word_of
+from analysis.fits import FIT_KEYS, Fit, collective_points
+from analysis.fits import collective_fits as fit_collectives
+from microbench.model.vocabulary import PROVENANCE_WORDS
 
 GROUP_KEYS = FIT_KEYS
 FIGSIZE = (8.0, 5.0)  # inches; 100 dpi PNG, readable on a laptop screen
@@ -213,7 +213,7 @@ def step_breakdown(predictions: Mapping[str, Any]) -> Figure:
     share of each component (analysis.predict.COMPONENTS); right, the share that was measured,
     extrapolated and specified. Shares, not seconds, so a 1.6e5 s spec and a 116 s profile
     can be read side by side; each bar is labelled with its step time."""
-    from .predict import COMPONENTS
+    from analysis.predict import COMPONENTS
     labels = list(predictions)
     fig = Figure(figsize=(max(9.0, 3.6 * len(predictions) + 4), 5.8), layout="constrained")
     ax_c, ax_w = fig.subplots(1, 2)
@@ -228,7 +228,7 @@ def step_breakdown(predictions: Mapping[str, Any]) -> Figure:
         bottom += vals
     colors = {"measured": "tab:green", "extrapolated": "tab:orange", "specified": "tab:gray"}
     bottom = np.zeros(len(labels))
-    for w in WORDS:
+    for w in PROVENANCE_WORDS:
         vals = np.array([predictions[k].seconds_by_provenance.get(w, 0.0) / predictions[k].step_time_s
                          for k in labels])
         ax_w.bar(x, 100 * vals, 0.6, bottom=100 * bottom, label=w, color=colors[w])

@@ -1,13 +1,21 @@
 """Step-time prediction: compose the workload's operations, priced by a system profile.
 
-Per pipeline stage and micro-batch: forward and backward time of the stage's layers (GEMMs,
-attention core, memory-bound ops, TP collectives exposed as the profile says, recompute),
-pipeline p2p on the critical path, first/last-stage extras (embedding, LM head, loss). The
-step is the 1F1B (or interleaved) schedule: m micro-batches at the slowest stage's pace plus
-the fill and drain, (p−1)/v·(t_f + t_b) for equal stages (Narayanan et al. 2021, §2.2); in
-1F1B the fill passes through the other stages, so it is priced with their time, not the
-bottleneck's. Then the exposed DP gradient sync and the optimizer step. Every shape and
-byte count comes from ``microbench.workload.workload(cfg)`` and ``memory_bytes(cfg)``; nothing is re-derived here.
+The workload (``microbench.model.workload``) lists every operation of a step with its phase
+(``fwd | recompute | bwd | step``) and multiplicity; the profile prices one operation at a
+time (seconds and their source); this module only composes, from the declarative table
+:data:`ROUTES` — (operation kind, phase) → step component — in the manner of torchtitan's
+``parallelize`` plans. Nothing here derives a shape or a count.
+
+Per pipeline stage and micro-batch, each phase costs its device time (GEMMs, attention core,
+memory-bound ops, TP collectives exposed as the profile says, the stage's extras) and the
+host's own time (:class:`~microbench.model.workload.HostPath`): the larger of the two on a
+device that queues kernels asynchronously (GPU, XPU), their sum on a synchronous one (a
+CPU); the host time the device does not hide is the ``framework`` component. Pipeline p2p
+blocks, so it is on the critical path outside that comparison. The step is the 1F1B (or
+interleaved) schedule: m micro-batches at the slowest stage's pace plus the fill and drain,
+(p−1)/v·(t_f + t_b) for equal stages (Narayanan et al. 2021, §2.2); in 1F1B the fill passes
+through the other stages, so it is priced with their time, not the bottleneck's. Then the
+exposed DP gradient sync and the optimizer step.
 
 CLI: ``python -m analysis.predict --model alcf-1t --system aurora [--json]``.
 """
@@ -20,17 +28,44 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from microbench.cli import ArgumentParser
-from microbench import workload as _wl
-from microbench.config import PRESETS, ModelConfig, ParallelConfig, TrainConfig, preset, with_layout
+from microbench.harness import modelargs
+from microbench.harness.cli import ArgumentParser
+from microbench.model import workload as _wl
+from microbench.model import memory as _mem
+from microbench.model.metrics import megatron_tflops
+from microbench.model.config import TrainConfig
+from microbench.model.vocabulary import STEP_COMPONENTS, word_mix
 
-from . import formulas
-from .profile import SystemProfile, group_placement, load_profile
-from .provenance import WORDS, Ledger, seconds_by_word, summarise, word_of
+from analysis import formulas
+from analysis.measured import load_profile
+from analysis.placement import group_placement
+from analysis.provenance import Ledger, seconds_by_word, summarise
+from analysis.system import SystemProfile
 
 GIB = 2 ** 30
-COMPONENTS = ("gemm", "attention", "memops", "recompute", "tp_comm", "pp_p2p", "embedding_head",
-              "overhead", "bubble", "dp_sync", "optimizer")
+COMPONENTS = STEP_COMPONENTS
+LAYER_PHASES = ("fwd", "recompute", "bwd")
+
+ROUTES: dict[tuple[str, str], str] = {
+    ("gemm", "fwd"): "gemm", ("gemm", "bwd"): "gemm", ("gemm", "recompute"): "recompute",
+    ("attention", "fwd"): "attention", ("attention", "bwd"): "attention", ("attention", "recompute"): "recompute",
+    ("memop", "fwd"): "memops", ("memop", "bwd"): "memops", ("memop", "recompute"): "recompute",
+    ("collective", "fwd"): "tp_comm", ("collective", "bwd"): "tp_comm", ("collective", "recompute"): "recompute",
+    ("host", "fwd"): "framework", ("host", "recompute"): "framework", ("host", "bwd"): "framework",
+    ("p2p", "fwd"): "pp_p2p", ("p2p", "bwd"): "pp_p2p",
+    ("collective", "step"): "dp_sync", ("memop", "step"): "optimizer",
+    ("tp_sync", "fwd"): "tp_comm", ("tp_sync", "bwd"): "tp_comm", ("tp_sync", "recompute"): "recompute",
+}
+"""Where a layer's (or a step's) operation is booked; a stage's extras (embedding, LM head,
+loss) all go to ``embedding_head``. ``framework`` books only the host time the device does not
+hide (:func:`_exposed`)."""
+
+
+def kind_of(op) -> str:
+    if isinstance(op, _wl.Collective):
+        return "p2p" if op.kind == "sendrecv" else "collective"
+    return {_wl.Gemm: "gemm", _wl.Attention: "attention", _wl.MemOp: "memop", _wl.HostPath: "host",
+            _wl.TpSync: "tp_sync"}[type(op)]
 
 
 @dataclass
@@ -57,6 +92,11 @@ class Prediction:
     sources: dict[str, str]
     """Step component (and ``peak``, ``memory``, ``overlap.*``) → provenance (analysis.provenance):
     measured / extrapolated (from what) / specified (file: key); several joined by '; '."""
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per phase (fwd, recompute, bwd) of one micro-batch on the bottleneck stage: ``host_s``,
+    ``device_s`` and which one bound it (``bound``: ``host`` or ``device``)."""
+    asynchronous: bool = True
+    """How host and device composed: the larger (an asynchronous device) or the sum."""
     provenance_s: dict[str, dict[str, float]] = field(default_factory=dict)
     """Step component → {source: seconds of the step}; each sums to the component's seconds."""
     seconds_by_provenance: dict[str, float] = field(default_factory=dict)
@@ -78,88 +118,85 @@ class Prediction:
 
 class _Pricer:
     """Prices operations on a profile and books each time with its source in a ledger
-    (analysis.provenance), under the step component it belongs to."""
+    (analysis.provenance) under the component it belongs to; collectives on the placement of
+    their axis, TP collectives times their exposed fraction."""
 
-    def __init__(self, profile: SystemProfile, ledger: Ledger):
-        self.p, self.ledger = profile, ledger
+    def __init__(self, cfg: TrainConfig, profile: SystemProfile, ledger: Ledger):
+        self.cfg, self.p, self.ledger = cfg, profile, ledger
+        self.placements = {ax: group_placement(cfg, ax, ranks_per_node=profile.ranks_per_node)
+                           for ax in ("tp", "dp", "pp")}
 
-    def gemm(self, g: _wl.Gemm, comp: str, times: float = 1.0) -> float:
-        return self.ledger.add(comp, self.p.gemm_source(g), times * self.p.gemm_time_s(g))
+    def seconds(self, op, comp: str, times: float = 1.0) -> float:
+        """``op`` priced × its count × ``times`` (and × its exposed fraction: a TP
+        collective's), booked under ``comp``."""
+        placement = self.placements.get(getattr(op, "axis", None))
+        t, src = self.p.price(op, placement)
+        if kind_of(op) == "collective" and op.axis == "tp":
+            times *= self.p.overlap("tp_wgrad" if op.overlappable else "tp").seconds
+        return self.ledger.add(comp, src, getattr(op, "count", 1) * times * t)
 
-    def attention(self, a: _wl.Attention, comp: str) -> float:
-        return self.ledger.add(comp, self.p.attention_source(a), self.p.attention_time_s(a))
+    def layer(self, w: _wl.Workload) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """One layer, one micro-batch: device seconds by component and by phase, host seconds
+        by phase (each booked; the host under ``host:<phase>`` until its exposure is known)."""
+        by_comp = dict.fromkeys(COMPONENTS, 0.0)
+        device, host = dict.fromkeys(LAYER_PHASES, 0.0), dict.fromkeys(LAYER_PHASES, 0.0)
+        fused = self.p.attention_fused
+        for op in w.layer:
+            if getattr(op, "explicit_attention_only", False) and fused:
+                continue
+            kind, phase = kind_of(op), _wl.step_phase(op)
+            if kind == "host":
+                host[phase] += self.seconds(op, f"host:{phase}")
+                continue
+            t = self.seconds(op, ROUTES[(kind, phase)])
+            by_comp[ROUTES[(kind, phase)]] += t
+            device[phase] += t
+        return by_comp, device, host
 
-    def nbytes(self, n: float, op: str, comp: str, times: float = 1.0) -> float:
-        return self.ledger.add(comp, self.p.bytes_source(op=op, nbytes=n), times * self.p.bytes_time_s(n, op=op))
-
-    def coll(self, c: _wl.Collective, pl, comp: str, times: float = 1.0) -> float:
-        kw = dict(crosses_nodes=pl.crosses_nodes, num_groups=pl.num_groups,
-                  ranks_per_node_in_group=pl.ranks_per_node_in_group)
-        return self.ledger.add(comp, self.p.collective_source(c, **kw), times * self.p.collective_time_s(c, **kw))
-
-    def p2p(self, c: _wl.Collective, pl, comp: str, times: float = 1.0) -> float:
-        return self.ledger.add(comp, self.p.p2p_source(crosses_nodes=pl.crosses_nodes, coll=c),
-                               times * self.p.p2p_time_s(c, crosses_nodes=pl.crosses_nodes))
-
-
-# --- framework terms (issue 11): what a training framework adds beyond the probed operations ---
-@dataclass(frozen=True)
-class FrameworkTerms:
-    """The framework's own host time per step, *measured* by running that framework at the
-    step's layout, layer count and micro-batch count with the model narrowed, less the probes'
-    price of its operations (``analysis.crosscheck_megatron.framework_probe``): Python layers and autograd
-    between kernels, the pipeline engine's schedule and its p2p bookkeeping, the DeepSpeed/ZeRO
-    step's fixed cost, data loading. Priced per layer per micro-batch so it scales with the
-    configuration it was measured at only through ``layers_per_stage × num_microbatches``."""
-
-    per_layer_microbatch_s: float
-    """Host seconds per layer per micro-batch (fwd + bwd) on the bottleneck stage."""
-    source: str
-    """Provenance: which run measured it, at which shape."""
-
-    def step_s(self, cfg: TrainConfig) -> float:
-        return self.per_layer_microbatch_s * cfg.layers_per_stage * cfg.parallel.num_microbatches
-# --- end framework terms ---
-
-
-def _layer(w: _wl.Workload, pr: _Pricer, cfg: TrainConfig) -> dict[str, float]:
-    """Seconds per layer per micro-batch, by phase and component (one rank)."""
-    profile = pr.p
-    out = dict.fromkeys(("gemm_fwd", "gemm_bwd", "gemm_re", "attn_fwd", "attn_bwd", "attn_re",
-                         "mem_fwd", "mem_bwd", "mem_re", "tp_fwd", "tp_bwd", "tp_re"), 0.0)
-    for g in w.gemms:
-        key = {"fwd": "gemm_fwd", "dgrad": "gemm_bwd", "wgrad": "gemm_bwd", "recompute": "gemm_re"}[g.phase]
-        out[key] += pr.gemm(g, "recompute" if key == "gemm_re" else "gemm", g.count)
-    for a in w.attention:
-        key = "attn_re" if a.name.endswith("recompute") else f"attn_{a.phase}"
-        out[key] += pr.attention(a, "recompute" if key == "attn_re" else "attention")
-    fused = profile.attention_fused
-    for op in w.memops:
-        if op.explicit_attention_only and fused:
-            continue
-        t = pr.nbytes(op.bytes, op.name, "memops", op.count)
-        out[f"mem_{op.phase}"] += t
-        if (op.phase == "fwd" and cfg.parallel.recompute == "full") or \
-                (op.phase == "fwd" and cfg.parallel.recompute == "selective" and op.explicit_attention_only):
-            # full: the whole forward runs again; selective: the attention core (softmax with it)
-            out["mem_re"] += pr.nbytes(op.bytes, op.name, "recompute", op.count)
-    tp = group_placement(cfg, "tp", ranks_per_node=profile.ranks_per_node)
-    for c in w.collectives:
-        f = profile.overlap("tp_wgrad" if c.overlappable else "tp")
-        comp = "recompute" if c.phase == "recompute" else "tp_comm"
-        out[{"fwd": "tp_fwd", "bwd": "tp_bwd", "recompute": "tp_re"}.get(c.phase, "tp_bwd")] += \
-            pr.coll(c, tp, comp, c.count * f)
-    return out
+    def extras(self, ops: tuple, stage: str) -> dict[str, float]:
+        """A stage's extras per micro-batch, device seconds by phase (booked ``extra:<stage>``)."""
+        out = dict.fromkeys(LAYER_PHASES, 0.0)
+        for op in ops:
+            out[_wl.step_phase(op)] += self.seconds(op, f"extra:{stage}")
+        return out
 
 
-def _tp_one(w: _wl.Workload, pr: _Pricer, cfg: TrainConfig, comp: str) -> float:
-    """One forward TP reduction of [T, d] (the vocab-parallel embedding's, or the LM head
-    input's gradient): the first forward collective of the layer, priced once."""
-    tp = group_placement(cfg, "tp", ranks_per_node=pr.p.ranks_per_node)
-    fwd = [c for c in w.collectives if c.phase == "fwd" and c.kind in ("allreduce", "reduce_scatter")]
-    if not fwd:
-        return 0.0
-    return pr.coll(fwd[0], tp, comp, pr.p.overlap("tp"))
+@dataclass
+class _Stage:
+    """One micro-batch on one stage: device and host seconds by phase, and what was exposed."""
+
+    device: dict[str, float]
+    host: dict[str, float]
+    asynchronous: bool
+
+    def exposed(self, phase: str) -> float:
+        """The host's seconds the device does not hide: all of them on a synchronous device,
+        the excess over the device's on an asynchronous one."""
+        h, d = self.host[phase], self.device[phase]
+        return max(0.0, h - d) if self.asynchronous else h
+
+    @property
+    def fwd_s(self) -> float:
+        return self.device["fwd"] + self.exposed("fwd")
+
+    @property
+    def bwd_s(self) -> float:
+        return sum(self.device[ph] + self.exposed(ph) for ph in ("recompute", "bwd"))
+
+    @property
+    def total_s(self) -> float:
+        return self.fwd_s + self.bwd_s
+
+    def phases(self) -> dict[str, dict[str, Any]]:
+        return {ph: {"host_s": self.host[ph], "device_s": self.device[ph],
+                     "bound": "host" if self.host[ph] > self.device[ph] else "device"}
+                for ph in LAYER_PHASES if self.host[ph] or self.device[ph]}
+
+
+def _stage(Ls: int, device: dict[str, float], host: dict[str, float], extra: dict[str, float],
+           asynchronous: bool) -> _Stage:
+    return _Stage({ph: Ls * device[ph] + extra[ph] for ph in LAYER_PHASES},
+                  {ph: Ls * host[ph] for ph in LAYER_PHASES}, asynchronous)
 
 
 def seed_model(cfg: TrainConfig, profile: SystemProfile, *, w: _wl.Workload | None = None) -> dict[str, float]:
@@ -171,83 +208,69 @@ def seed_model(cfg: TrainConfig, profile: SystemProfile, *, w: _wl.Workload | No
     """
     w = w or _wl.workload(cfg)
     big = [g for g in w.gemms if g.phase in ("fwd", "dgrad", "wgrad")]
-    t = sum(g.count * profile.gemm_time_s(g) for g in big)
+    t = sum(g.count * profile.gemm(g).seconds for g in big)
     flop = sum(g.count * g.flop for g in big)
     alpha = 2 * t / flop
     beta = 0.0
     if cfg.parallel.tp > 1:
         tp = group_placement(cfg, "tp", ranks_per_node=profile.ranks_per_node)
         fwd = [c for c in w.collectives if c.phase == "fwd"]
-        per = sum(profile.collective_time_s(c, crosses_nodes=tp.crosses_nodes, num_groups=tp.num_groups,
-                                            ranks_per_node_in_group=tp.ranks_per_node_in_group) for c in fwd)
-        beta = per / fwd[0].elements
+        beta = sum(profile.collective(c, tp).seconds for c in fwd) / fwd[0].elements
     return {"alpha": alpha, "beta": beta, "step_time_s": formulas.seed_step_time(cfg, alpha=alpha, beta=beta)}
 
 
 def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True,
-            p2p_scatter_gather: bool = False, framework: FrameworkTerms | None = None) -> Prediction:
-    """Predicted step time of ``cfg`` on ``profile`` (see module docstring for the model).
-
-    ``framework``: measured costs of the training framework itself (see FrameworkTerms),
-    added as the ``framework`` component; none by default."""
-    p = cfg.parallel
+            p2p_scatter_gather: bool = False) -> Prediction:
+    """Predicted step time of ``cfg`` on ``profile`` (see the module docstring for the model)."""
     w = _wl.workload(cfg, p2p_scatter_gather=p2p_scatter_gather)
-    Ls = cfg.layers_per_stage
     ledger = Ledger()
-    pr = _Pricer(profile, ledger)
-    lay = _layer(w, pr, cfg)
-    m, v = p.num_microbatches, p.interleave
+    pr = _Pricer(cfg, profile, ledger)
+    layer_comp, layer_dev, layer_host = pr.layer(w)
+    p2p = {ph: sum(pr.seconds(c, "pp_p2p") for c in w.p2p if c.phase == ph) for ph in ("fwd", "bwd")}
+    stages = _stages(cfg, pr, w, layer_dev, layer_host)
+    name = max(("first", "last"), key=lambda k: stages[k].total_s) if len(stages) > 1 else "only"
+    per_mb = _per_microbatch(cfg, layer_comp, stages[name], p2p, ledger, name)
+    br = _schedule(cfg, per_mb, stages, name, p2p, ledger)
+    _step_ops(cfg, w, pr, br, t_b=stages[name].bwd_s + p2p["bwd"], stage_mb=sum(per_mb.values()),
+              dp_overlap=dp_overlap)
+    return _prediction(cfg, profile, w, ledger, br, stages[name], p2p, name)
 
-    # Pipeline p2p: one activation forward, one gradient backward per micro-batch per
-    # boundary (× v chunks interleaved), blocking in 1F1B, so on the critical path.
-    pp_pl = group_placement(cfg, "pp", ranks_per_node=profile.ranks_per_node)
-    p2p_f = p2p_b = 0.0
-    for c in w.p2p:
-        t = pr.p2p(c, pp_pl, "pp_p2p", c.count)
-        if c.phase == "fwd":
-            p2p_f += t
-        else:
-            p2p_b += t
 
-    # First stage: embedding lookup (+ its backward scatter, same bytes twice) and its TP
-    # reduction. Last stage: LM head GEMMs, final norm (fwd + 2× bwd), cross-entropy.
-    # Each stage's extras are booked apart; only the bottleneck stage's enter the step.
-    emb = [op for op in w.head_memops if op.name == "embedding"]
-    first_f = sum(pr.nbytes(op.bytes, op.name, "extra:first") for op in emb) + _tp_one(w, pr, cfg, "extra:first")
-    first_b = sum(pr.nbytes(op.bytes, op.name, "extra:first", 2) for op in emb)
-    last_f = sum(pr.gemm(g, "extra:last") for g in w.head_gemms if g.phase == "fwd")
-    last_b = sum(pr.gemm(g, "extra:last") for g in w.head_gemms if g.phase != "fwd") + \
-        _tp_one(w, pr, cfg, "extra:last")
-    for op in w.head_memops:
-        if op.name == "final_norm":
-            last_f += pr.nbytes(op.bytes, op.name, "extra:last")
-            last_b += pr.nbytes(2 * op.bytes, op.name, "extra:last")
-        elif op.name == "cross_entropy":
-            last_f += pr.nbytes(op.bytes, op.name, "extra:last")
+def _stages(cfg: TrainConfig, pr: _Pricer, w: _wl.Workload, device: dict[str, float],
+            host: dict[str, float]) -> dict[str, _Stage]:
+    """The stages that differ: the first (embedding), the last (LM head, loss) and the middle
+    ones (layers only); one stage holds both ends when pp = 1."""
+    Ls, asyn = cfg.layers_per_stage, pr.p.asynchronous
+    first, last = pr.extras(w.first, "first"), pr.extras(w.last, "last")
+    none = dict.fromkeys(LAYER_PHASES, 0.0)
+    if cfg.parallel.pp == 1:
+        both = {ph: first[ph] + last[ph] for ph in LAYER_PHASES}
+        return {"only": _stage(Ls, device, host, both, asyn)}
+    return {"first": _stage(Ls, device, host, first, asyn), "last": _stage(Ls, device, host, last, asyn),
+            "middle": _stage(Ls, device, host, none, asyn)}
 
-    parts_f = {"gemm": lay["gemm_fwd"], "attention": lay["attn_fwd"], "memops": lay["mem_fwd"],
-               "tp_comm": lay["tp_fwd"]}
-    parts_b = {"gemm": lay["gemm_bwd"], "attention": lay["attn_bwd"], "memops": lay["mem_bwd"],
-               "tp_comm": lay["tp_bwd"],
-               "recompute": lay["gemm_re"] + lay["attn_re"] + lay["mem_re"] + lay["tp_re"]}
-    layers = {k: Ls * (parts_f.get(k, 0.0) + parts_b.get(k, 0.0)) for k in set(parts_f) | set(parts_b)}
-    # The profile's per-layer framework overhead, unless the framework's own cost was measured
-    # (FrameworkTerms covers the same time: both would count it).
-    layers["overhead"] = 0.0 if framework is not None else \
-        Ls * ledger.add("overhead", profile.layer_overhead_source(), profile.layer_overhead_time_s())
-    layers_f = Ls * sum(parts_f.values())
-    stages = {"first": (first_f, first_b), "last": (last_f, last_b)}
-    if p.pp == 1:
-        stages = {"only": (first_f + last_f, first_b + last_b)}
-    name, (ex_f, ex_b) = max(stages.items(), key=lambda kv: sum(kv[1]))
+
+def _per_microbatch(cfg: TrainConfig, layer_comp: dict[str, float], stage: _Stage, p2p: dict[str, float],
+                    ledger: Ledger, name: str) -> dict[str, float]:
+    """The bottleneck stage's seconds per micro-batch by component: its layers' device
+    components, the host time they do not hide, p2p and its extras."""
+    Ls = cfg.layers_per_stage
+    per_mb = {k: Ls * v for k, v in layer_comp.items() if v}
+    per_mb["framework"] = sum(stage.exposed(ph) for ph in LAYER_PHASES)
+    for ph in LAYER_PHASES:
+        ledger.merge("framework", f"host:{ph}")
+    per_mb["pp_p2p"] = p2p["fwd"] + p2p["bwd"]
+    per_mb["embedding_head"] = stage.total_s - per_mb["framework"] - Ls * sum(layer_comp.values())
     for st in ("first", "last") if name == "only" else (name,):
         ledger.merge("embedding_head", f"extra:{st}")
-    per_mb = dict(layers, pp_p2p=p2p_f + p2p_b, embedding_head=ex_f + ex_b)
-    t_f = layers_f + ex_f + p2p_f
-    t_b = sum(per_mb.values()) - t_f
-    stage_mb = t_f + t_b
-    bubble_frac = formulas.bubble_fraction(pp=p.pp, num_microbatches=m, interleave=v)
+    return per_mb
 
+
+def _schedule(cfg: TrainConfig, per_mb: dict[str, float], stages: dict[str, _Stage], name: str,
+              p2p: dict[str, float], ledger: Ledger) -> dict[str, float]:
+    """m micro-batches at the bottleneck's pace, and the fill and drain (the bubble)."""
+    p, m, v = cfg.parallel, cfg.parallel.num_microbatches, cfg.parallel.interleave
+    stage_mb = sum(per_mb.values())
     br = dict.fromkeys(COMPONENTS, 0.0)
     for k, t in per_mb.items():
         br[k] += m * t
@@ -255,61 +278,65 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
         # 1F1B with unequal end stages: the steady state runs at the bottleneck stage's pace
         # (m × its time); the fill and drain pass once through every other stage, which
         # carries the layers, the p2p and its own extras, not the bottleneck's.
-        other = {"first": (last_f, last_b), "last": (first_f, first_b)}[name]
-        br["bubble"] = (p.pp - 1) * (stage_mb - ex_f - ex_b) + sum(other)
+        pp_s = p2p["fwd"] + p2p["bwd"]
+        others = [k for k in ("first", "last", "middle") if k != name]
+        ends = [k for k in others if k != "middle"]
+        br["bubble"] = sum(stages[k].total_s + pp_s for k in ends) + \
+            (p.pp - 1 - len(ends)) * (stages["middle"].total_s + pp_s)
     else:
-        br["bubble"] = bubble_frac * m * stage_mb
+        br["bubble"] = formulas.bubble_fraction(pp=p.pp, num_microbatches=m, interleave=v) * m * stage_mb
     # the bubble idles for the same mix of work as the stage: booked with the stage's sources
     for src, t in ledger.shares({k: br[k] for k in per_mb}).items():
         for s, sec in t.items():
             ledger.add("bubble", s, sec)
+    return br
 
-    # DP gradient sync: reduce-scatter/allreduce buckets overlap the last micro-batch's
-    # backward (exposed = max(t − window, f_exposed·t)); the ZeRO allgather follows the
-    # optimizer and is exposed. ZeRO-3 gathers parameters in every forward and backward.
-    # Everything that can hide shares the same links and one window: the collectives'
-    # times add up before the window is subtracted (two collectives cannot both hide
-    # behind the same seconds of compute).
-    dp_pl = group_placement(cfg, "dp", ranks_per_node=profile.ranks_per_node)
+
+def _step_ops(cfg: TrainConfig, w: _wl.Workload, pr: _Pricer, br: dict[str, float], *, t_b: float,
+              stage_mb: float, dp_overlap: bool) -> None:
+    """The DP gradient sync and the optimizer, once per step. Reduce-scatter/allreduce buckets
+    overlap the backward (exposed = max(t − window, f_exposed·t)); the ZeRO allgather follows
+    the optimizer and is exposed; ZeRO-3 gathers in every forward and backward. Everything
+    that can hide shares the same links and one window: the collectives' times add up before
+    the window is subtracted (two collectives cannot both hide behind the same seconds)."""
+    p, m = cfg.parallel, cfg.parallel.num_microbatches
     hideable, window = 0.0, 0.0
-    for c in w.dp:
-        if c.kind == "allgather" and p.zero_stage >= 3:
-            hideable += pr.coll(c, dp_pl, "dp_sync", 2 * m)
-            window = max(window, m * stage_mb)
-        elif c.overlappable and p.zero_stage >= 2:
-            # ZeRO-2/3 reduce-scatter the gradients in every micro-batch's backward
-            # (DeepSpeed's partitioned gradients cannot accumulate unreduced)
-            hideable += pr.coll(c, dp_pl, "dp_sync", m)
-            window = max(window, m * t_b)
-        elif c.overlappable:
-            hideable += pr.coll(c, dp_pl, "dp_sync")
-            window = max(window, t_b)
+    for op in w.step:
+        t = pr.seconds(op, ROUTES[(kind_of(op), "step")])
+        if kind_of(op) != "collective":
+            br[ROUTES[(kind_of(op), "step")]] += t
+        elif op.kind == "allgather" and p.zero_stage >= 3:
+            hideable, window = hideable + t, max(window, m * stage_mb)
+        elif op.overlappable:
+            hideable, window = hideable + t, max(window, (m if p.zero_stage >= 2 else 1) * t_b)
         else:
-            br["dp_sync"] += pr.coll(c, dp_pl, "dp_sync")
+            br["dp_sync"] += t
     if dp_overlap and window > 0:
-        hideable = max(hideable - window, profile.overlap("dp") * hideable)
+        hideable = max(hideable - window, pr.p.overlap("dp").seconds * hideable)
     br["dp_sync"] += hideable
-    br["optimizer"] = pr.nbytes(w.optimizer_bytes, "adamw", "optimizer")
-    if framework is not None:  # --- framework terms (issue 11) ---
-        br["framework"] = ledger.add("framework", framework.source, framework.step_s(cfg))
+
+
+def _prediction(cfg: TrainConfig, profile: SystemProfile, w: _wl.Workload, ledger: Ledger, br: dict[str, float],
+                stage: _Stage, p2p: dict[str, float], name: str) -> Prediction:
+    p, m = cfg.parallel, cfg.parallel.num_microbatches
     step = sum(br.values())
     shares = ledger.shares(br)
-
     # The first stage holds the most micro-batches in flight, the last the LM head: take the
     # stage whose total is largest (memory_bytes prices each stage).
-    mem = max((_wl.memory_bytes(cfg, stage=s) for s in {0, p.pp - 1}), key=lambda d: sum(d.values()))
+    mem = max((_mem.memory_bytes(cfg, stage=s) for s in {0, p.pp - 1}), key=lambda d: sum(d.values()))
     mem_gib = {k: v / GIB for k, v in mem.items()}
     mem_gib["total"] = sum(mem.values()) / GIB
     mem_gib["capacity"] = profile.device_memory_gib
-    tflops = formulas.megatron_tflops(cfg, step)
+    tflops = megatron_tflops(cfg, step)
     prof_src = profile.sources()
     sources = {k: summarise(list(v)) for k, v in shares.items()}
     if p.tp > 1:
-        sources["overlap.tp"] = profile.overlap_source("tp")
+        sources["overlap.tp"] = profile.overlap("tp").source
     if p.dp > 1:
-        sources["overlap.dp"] = profile.overlap_source("dp")
-    sources["peak"] = prof_src["peak"]
-    sources["memory"] = prof_src["memory"]
+        sources["overlap.dp"] = profile.overlap("dp").source
+    sources["peak"], sources["memory"] = prof_src["peak"], prof_src["memory"]
+    t_f, t_b = stage.fwd_s + p2p["fwd"], stage.bwd_s + p2p["bwd"]
+    stage_mb = t_f + t_b
     return Prediction(
         config=cfg, system=profile.name, step_time_s=step, breakdown_s=br,
         stage_fwd_s=t_f, stage_bwd_s=t_b, num_microbatches=m,
@@ -319,6 +346,7 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
         fom=formulas.fom(cfg, step), memory_gib_per_device=mem_gib,
         fits_in_memory=mem_gib["total"] <= profile.device_memory_gib,
         seed_model=seed_model(cfg, profile, w=w), sources=sources,
+        phases=stage.phases(), asynchronous=profile.asynchronous,
         provenance_s=shares, seconds_by_provenance=seconds_by_word(shares),
         profile_sources=prof_src, notes=list(getattr(profile, "notes", [])),
         placement={ax: dataclasses.asdict(group_placement(cfg, ax, ranks_per_node=profile.ranks_per_node))
@@ -329,43 +357,22 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
 # CLI
 
 def add_config_args(ap: argparse.ArgumentParser) -> None:
-    g = ap.add_argument_group("model")
-    g.add_argument("--model", help=f"preset: {', '.join(PRESETS)}")
-    for flag in ("layers", "hidden", "heads", "kv-heads", "ffn", "seq", "vocab"):
-        g.add_argument(f"--{flag}", type=int)
-    g.add_argument("--gated", action="store_true", default=None, help="SwiGLU MLP (three matrices)")
-    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
-    lay = ap.add_argument_group("layout")
-    for flag in ("tp", "pp", "dp", "mbs", "gbs"):
-        lay.add_argument(f"--{flag}", type=int)
-    lay.add_argument("--interleave", type=int, metavar="V")
-    lay.add_argument("--recompute", choices=("none", "selective", "full"))
-    lay.add_argument("--sequence-parallel", action="store_true", default=None)
-    lay.add_argument("--zero", type=int, choices=(0, 1, 2, 3))
+    """The shared model and layout flags (``microbench.harness.modelargs``), then the system."""
+    modelargs.add_model_args(ap, layout="preset")
     s = ap.add_argument_group("system")
     s.add_argument("--system", help="shipped spec (analysis/systems/NAME.yaml) or a YAML path")
     s.add_argument("--profile", nargs="+", metavar="RUN_DIR",
                    help="measured probe results, priced over --system for what they do not measure")
     s.add_argument("--include-failed", action="store_true",
                    help="leave failed rows (or rows with num_wrong > 0) out of --profile instead of refusing")
+    s.add_argument("--allow-incomplete", action="store_true", default=None,
+                   help="use the rows of --profile runs whose manifest was never closed (every rank died); "
+                        "same as MICROBENCH_ALLOW_INCOMPLETE=1")
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    layout = dict(tp=a.tp, pp=a.pp, dp=a.dp, micro_batch=a.mbs, global_batch=a.gbs,
-                  interleave=a.interleave, recompute=a.recompute,
-                  sequence_parallel=a.sequence_parallel, zero_stage=a.zero)
-    dims = dict(num_layers=a.layers, hidden=a.hidden, num_heads=a.heads, num_kv_heads=a.kv_heads,
-                ffn_hidden=a.ffn, seq_len=a.seq, vocab_size=a.vocab, gated_mlp=a.gated, dtype=a.dtype)
-    if a.model:
-        return with_layout(preset(a.model), **dims, **layout)
-    missing = [f"--{k}" for k, v in (("layers", a.layers), ("hidden", a.hidden), ("heads", a.heads),
-                                     ("ffn", a.ffn), ("seq", a.seq), ("vocab", a.vocab)) if v is None]
-    if missing:
-        raise ValueError(f"give --model PRESET ({', '.join(PRESETS)}) or all of {' '.join(missing)}")
-    model = ModelConfig(**{k: v for k, v in dims.items() if v is not None} | {"gated_mlp": bool(a.gated)})
-    par = {k: v for k, v in layout.items() if v is not None}
-    par.setdefault("global_batch", par.get("micro_batch", 1) * par.get("dp", 1))
-    return TrainConfig(model=model, parallel=ParallelConfig(**par))
+    """The flags' configuration: a preset changed where a flag is stated, or a custom model."""
+    return modelargs.config_from_args(a, layout="preset")
 
 
 def format_table(pr: Prediction) -> str:
@@ -376,12 +383,17 @@ def format_table(pr: Prediction) -> str:
              f"interleave {p.interleave}, recompute {p.recompute}, sp {p.sequence_parallel}, zero {p.zero_stage}",
              "", f"{'component':<16}{'seconds':>12}{'share':>9}  provenance (share of the component)"]
     for k, v in pr.breakdown_s.items():
-        lines.append(f"{k:<16}{v:>12.4f}{v / pr.step_time_s:>8.1%}  {word_shares(pr.provenance_s.get(k, {}))}")
-    lines.append(f"{'step':<16}{pr.step_time_s:>12.4f}{1:>8.0%}  {word_shares({w: t for w, t in pr.seconds_by_provenance.items()})}")
+        lines.append(f"{k:<16}{v:>12.4f}{v / pr.step_time_s:>8.1%}  {word_mix(pr.provenance_s.get(k, {}))}")
+    lines.append(f"{'step':<16}{pr.step_time_s:>12.4f}{1:>8.0%}  {word_mix({w: t for w, t in pr.seconds_by_provenance.items()})}")
     lines.append("by provenance                    " + ", ".join(
         f"{w} {t:.4g} s ({t / pr.step_time_s:.1%})" for w, t in pr.seconds_by_provenance.items()))
     mem = pr.memory_gib_per_device
-    lines += ["", f"stage fwd / bwd per micro-batch  {pr.stage_fwd_s * 1e3:.2f} / {pr.stage_bwd_s * 1e3:.2f} ms; "
+    how = "the larger bounds each phase (asynchronous device)" if pr.asynchronous else \
+        "they add (synchronous device)"
+    lines += ["", f"per micro-batch, bottleneck stage: host and device by phase ({how})"]
+    lines += [f"  {ph:<10} host {v['host_s'] * 1e3:>9.3f} ms  device {v['device_s'] * 1e3:>9.3f} ms  "
+              f"bound by {v['bound']}" for ph, v in pr.phases.items()]
+    lines += [f"stage fwd / bwd per micro-batch  {pr.stage_fwd_s * 1e3:.2f} / {pr.stage_bwd_s * 1e3:.2f} ms; "
               f"bubble {pr.bubble_fraction:.1%}",
               f"tokens/s                         {pr.tokens_per_s:,.0f}",
               f"model TFLOP/s per device         {pr.model_tflops_per_device:.1f} (Megatron formula); "
@@ -399,17 +411,6 @@ def format_table(pr: Prediction) -> str:
     return "\n".join(lines)
 
 
-def word_shares(per_source: dict[str, float]) -> str:
-    """'measured 62% · extrapolated 38%' from {source or word: seconds}."""
-    tot: dict[str, float] = {}
-    for src, t in per_source.items():
-        tot[word_of(src)] = tot.get(word_of(src), 0.0) + t
-    all_t = sum(tot.values())
-    if all_t <= 0:
-        return "-"
-    return " · ".join(f"{w} {tot[w] / all_t:.0%}" for w in WORDS if tot.get(w, 0) > 0)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m analysis.predict", description=__doc__.split("\n")[0])
     add_config_args(ap)
@@ -418,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         cfg = config_from_args(a)
-        profile = load_profile(system=a.system, profile_dirs=a.profile, include_failed=a.include_failed)
+        profile = load_profile(system=a.system, profile_dirs=a.profile, include_failed=a.include_failed,
+                               allow_incomplete=a.allow_incomplete)
         pr = predict(cfg, profile, dp_overlap=not a.no_dp_overlap)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,13 +17,14 @@ import json
 import sys
 from typing import Iterator, Sequence
 
-from microbench.cli import ArgumentParser
-from microbench.config import TrainConfig, with_layout
+from microbench.harness.cli import ArgumentParser
+from microbench.model.config import TrainConfig, with_layout
 
-from . import formulas
-from .predict import Prediction, add_config_args, config_from_args, predict
-from .errors import AnalysisError
-from .profile import SystemProfile, load_profile
+from analysis import formulas
+from analysis.predict import Prediction, add_config_args, config_from_args, predict
+from analysis.errors import AnalysisError
+from analysis.measured import load_profile
+from analysis.system import SystemProfile
 
 
 def default_nodes(cfg: TrainConfig, profile: SystemProfile, *, start: int | None = None) -> list[int]:
@@ -118,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         cfg = config_from_args(a)
-        profile = load_profile(system=a.system, profile_dirs=a.profile, include_failed=a.include_failed)
+        profile = load_profile(system=a.system, profile_dirs=a.profile, include_failed=a.include_failed,
+                               allow_incomplete=a.allow_incomplete)
         bad = [n for n in a.nodes or [] if n < 1]
         if bad:
             raise ValueError(f"--nodes {bad[0]}: node counts must be ≥ 1")

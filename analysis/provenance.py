@@ -8,7 +8,7 @@ Every priced component of a prediction, and every row of a profile, is one of
 
 Nothing is "defaulted" (DESIGN.md, Results). A clamp or a substitution is part of the detail
 ("measured (exposed fraction 1.07 clamped to 1)"). A source is a plain string whose first word
-is one of :data:`WORDS`, so JSON and tables carry it as is; :class:`Ledger` adds up the
+is one of :data:`PROVENANCE_WORDS`, so JSON and tables carry it as is; :class:`Ledger` adds up the
 seconds of a prediction by word.
 """
 from __future__ import annotations
@@ -18,7 +18,9 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-WORDS = ("measured", "extrapolated", "specified")
+from microbench.model.vocabulary import PROVENANCE_WORDS, word_of
+from microbench.model.vocabulary import seconds_by_word as per_word
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -47,19 +49,6 @@ def measured(detail: str | None = None) -> str:
 
 def extrapolated(detail: str) -> str:
     return f"extrapolated ({detail})"
-
-
-def specified(file: str | Path, *keys: str) -> str:
-    return f"specified ({display_path(file)}: {', '.join(keys)})"
-
-
-def word_of(source: str) -> str:
-    """The provenance word a source string starts with; ValueError for anything else (a
-    source must never be 'defaulted' or empty)."""
-    w = source.split(" ", 1)[0]
-    if w not in WORDS:
-        raise ValueError(f"provenance {source!r} does not start with one of {', '.join(WORDS)}")
-    return w
 
 
 def with_note(source: str, note: str) -> str:
@@ -106,15 +95,16 @@ class Ledger:
 
 
 def seconds_by_word(shares: dict[str, dict[str, float]]) -> dict[str, float]:
-    out = dict.fromkeys(WORDS, 0.0)
+    """Seconds of the step by provenance word, over every component's sources."""
+    out = dict.fromkeys(PROVENANCE_WORDS, 0.0)
     for per in shares.values():
-        for src, t in per.items():
-            out[word_of(src)] += t
+        for w, t in per_word(per).items():
+            out[w] += t
     return out
 
 
 def summarise(sources: list[str]) -> str:
     """One source for a component priced from several: the sources joined, worst word first
     (specified, extrapolated, measured), so a reader never sees 'measured' for a mix."""
-    uniq = sorted(set(sources), key=lambda s: (-WORDS.index(word_of(s)), s))
+    uniq = sorted(set(sources), key=lambda s: (-PROVENANCE_WORDS.index(word_of(s)), s))
     return "; ".join(uniq)

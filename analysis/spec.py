@@ -1,16 +1,5 @@
-"""A system from its specification: the YAML schema and the spec profile that prices from it.
-
-``analysis/systems/NAME.yaml`` is loaded into :class:`SystemSpec` (pydantic, strict): an
-unknown key, a wrong type or a value out of range is refused with one line naming the file,
-the line where YAML knows it, and the dotted key. Every knob is required — none has a default
-in code — so a spec file is the whole truth about the system it describes. Device datasheet
-figures (peaks, HBM bandwidth, memory, compute units) are not in the system file: it names
-its device by key (``device: {model: A100-SXM4-80GB, dtype: bf16}``) and they come from the
-one table ``microbench/devices.yaml``, so a peak is stated once.
-
-Two top-level records are accepted and not priced: ``provenance`` (dotted key → where the
-figure comes from; shown in every ``specified (…)`` source) and ``calibration`` (free form:
-how a calibration fitted the knobs).
+"""A system from its specification: the spec profile that prices from the YAML
+(:mod:`analysis.spec_schema` holds the schema that validates it).
 
 Pricing (:class:`SpecProfile`): peak rates with a GEMM efficiency model (tile and wave
 quantization, small-k ramp, memory roofline), memory bandwidth, link bandwidth and latency
@@ -19,205 +8,19 @@ per tier (inside a node, between nodes with NICs per node) and hierarchical coll
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Any, Mapping
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from microbench.model.metrics import bus_factor, latency_steps
+from microbench.model.devices import DEVICES_FILE, device
+from microbench.model.workload import Attention, Collective, Gemm, HostPath, MemOp
 
-from microbench.collective import bus_factor
-from microbench.devices import DEVICES_FILE, DeviceTableError, device
-from microbench.workload import Attention, Collective, Gemm, MemOp
-
-from .errors import AnalysisError
-from .provenance import display_path, specified
-from .system import SystemProfile
-
-SYSTEMS_DIR = Path(__file__).with_name("systems")
-
-Positive = Annotated[float, Field(gt=0)]
-NonNegative = Annotated[float, Field(ge=0)]
-Efficiency = Annotated[float, Field(gt=0, le=1)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
-PositiveInt = Annotated[int, Field(ge=1)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class DeviceRef(_Strict):
-    model: str
-    """Key of ``microbench/devices.yaml`` (peaks, HBM bandwidth, memory, compute units)."""
-    dtype: Literal["bf16", "fp16", "fp32"]
-    """Training dtype: the peak that MFU is against."""
-
-
-class Node(_Strict):
-    ranks_per_node: PositiveInt
-
-
-class EfficiencySpec(_Strict):
-    gemm_max: Efficiency
-    """Large tile-aligned GEMM, fraction of peak."""
-    gemm_tile: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
-    """Output tile (m × n) of the tile/wave quantization model."""
-    gemm_k_half: Positive
-    """k at which the k-loop reaches half its asymptotic efficiency."""
-    gemm_latency_us: Positive
-    attention: Efficiency
-    attention_fused: bool
-    layer_overhead_us: NonNegative
-    """Host/framework time per layer per micro-batch (0 allowed: none)."""
-    memop: Efficiency
-    memop_latency_us: Positive
-
-
-class IntraLink(_Strict):
-    busbw_gbps: Positive
-    p2p_gbps: Positive
-    efficiency: Efficiency
-    latency_us: Positive
-
-
-class InterLink(_Strict):
-    nic_gbps: Positive
-    nics_per_node: PositiveInt
-    efficiency: Efficiency
-    latency_us: Positive
-
-
-class Network(_Strict):
-    intra: IntraLink
-    inter: InterLink
-
-
-class Overlap(_Strict):
-    """Exposed fraction of overlappable work (0 = hidden, 1 = exposed)."""
-    dp: Fraction
-    tp: Fraction
-    tp_wgrad: Fraction
-
-
-class SystemSpec(_Strict):
-    name: str
-    nodes: PositiveInt | None
-    """Nodes of the whole machine; null where the spec describes a node type, not a machine."""
-    device: DeviceRef
-    node: Node
-    efficiency: EfficiencySpec
-    network: Network
-    overlap: Overlap
-    provenance: dict[str, str] | None = None
-    """Record, not a knob: dotted key → source of the figure."""
-    calibration: dict[str, Any] | None = None
-    """Record, not a knob: how a calibration fitted the knobs."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-def shipped_systems() -> list[str]:
-    return sorted(p.stem for p in SYSTEMS_DIR.glob("*.yaml"))
-
-
-def _line_of(text: str, loc: tuple) -> int | None:
-    """The 1-based line of the key at ``loc`` in YAML ``text`` (its nearest existing parent)."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            hit = next(((k, v) for k, v in node.value if k.value == part), None)
-            if hit is None:
-                break
-            line, node = hit[0].start_mark.line + 1, hit[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _dotted_loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc)
-
-
-def validate_spec(data: Any, *, where: str, text: str | None = None) -> SystemSpec:
-    """``data`` as a :class:`SystemSpec`, or AnalysisError: one line, file[:line], key, why."""
-    if not isinstance(data, dict):
-        raise AnalysisError(f"{where}: expected a mapping at top level, got {type(data).__name__}")
-    try:
-        spec = SystemSpec.model_validate(data)
-    except ValidationError as e:
-        # an unknown key first: a misspelled knob also shows up as the knob "missing"
-        errs = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
-        first = errs[0]
-        loc = tuple(first["loc"])
-        line = _line_of(text, loc) if text else None
-        key = _dotted_loc(loc)
-        if first["type"] == "extra_forbidden":
-            siblings = [m["loc"][-1] for m in errs if m["type"] == "missing" and m["loc"][:-1] == loc[:-1]]
-            close = difflib.get_close_matches(str(loc[-1]), [str(x) for x in siblings], n=1)
-            why = "unknown key" + (f" (did you mean {close[0]}?)" if close else
-                                   " (the schema, with every key, is in analysis/spec.py)")
-        elif first["type"] == "missing":
-            why = "missing (every knob is required; none has a default in code)"
-        else:
-            why = f"{first['msg']}, got {first.get('input')!r}"
-        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-        raise AnalysisError(f"{where}{f':{line}' if line else ''}: {key}: {why}{more}") from None
-    try:
-        dev = device(spec.device.model)
-    except DeviceTableError as e:
-        raise AnalysisError(f"{where}: device.model: {e}") from None
-    if spec.device.dtype not in dev["peak_tflops"]:
-        raise AnalysisError(f"{where}: device.dtype: {spec.device.dtype!r} has no peak in "
-                            f"{display_path(DEVICES_FILE)}: {spec.device.model}.peak_tflops")
-    return spec
-
-
-def read_spec(name_or_path: str | Path) -> tuple[dict[str, Any], str, Path]:
-    """(raw mapping, YAML text, path) of a shipped system name or a YAML path."""
-    p = Path(name_or_path)
-    if not p.suffix:
-        p = SYSTEMS_DIR / f"{name_or_path}.yaml"
-    if not p.is_file():
-        raise AnalysisError(f"unknown system {str(name_or_path)!r}; shipped: "
-                            f"{', '.join(shipped_systems())} (or give a path to a YAML file)")
-    text = p.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise AnalysisError(f"{display_path(p)}{at}: YAML syntax error: {problem}") from None
-    return data, text, p
-
-
-def _get(d: Mapping[str, Any], dotted: str) -> Any:
-    cur: Any = d
-    for part in dotted.split("."):
-        if not isinstance(cur, Mapping) or part not in cur:
-            raise KeyError(dotted)
-        cur = cur[part]
-    return cur
-
-
-def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    cur = d
-    for part in parts[:-1]:
-        if not isinstance(cur.get(part), dict):
-            raise AnalysisError(f"knob {dotted}: {part!r} is not a section of the spec")
-        cur = cur[part]
-    cur[parts[-1]] = value
+from analysis.errors import AnalysisError
+from analysis.provenance import display_path
+from analysis.placement import Placement
+from analysis.spec_schema import read_spec, set_dotted, validate_spec
+from analysis.system import Priced, SystemProfile
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,11 +30,11 @@ class SpecProfile(SystemProfile):
     """A system from its specification; every number lives in a YAML file, none in the code."""
 
     def __init__(self, spec: Mapping[str, Any], *, source: str = "<dict>", text: str | None = None):
+        where = display_path(source) if source != "<dict>" else source
+        s = validate_spec(spec, where=where, text=text)
         self.spec = copy.deepcopy(dict(spec))
         self.source = source
-        where = display_path(source) if source != "<dict>" else source
         self.where = where
-        s = validate_spec(self.spec, where=where, text=text)
         self.schema = s
         self.name = s.name
         self.nodes = s.nodes
@@ -241,6 +44,7 @@ class SpecProfile(SystemProfile):
         self.mem_bw_gbps = float(dev["mem_bw_gbps"])
         self.device_memory_gib = float(dev["memory_gib"])
         self.num_units = int(dev["compute_units"])
+        self.asynchronous = bool(dev["asynchronous"])
         self.ranks_per_node = s.node.ranks_per_node
         e = s.efficiency
         self.gemm_max = e.gemm_max
@@ -249,15 +53,15 @@ class SpecProfile(SystemProfile):
         self.gemm_latency_s = e.gemm_latency_us * 1e-6
         self.attention_eff = e.attention
         self._attention_fused = e.attention_fused
-        self.layer_overhead_s = e.layer_overhead_us * 1e-6
         self.memop_eff = e.memop
         self.memop_latency_s = e.memop_latency_us * 1e-6
         n = s.network
         self.intra_busbw = n.intra.busbw_gbps * n.intra.efficiency
         self.intra_p2p = n.intra.p2p_gbps * n.intra.efficiency
-        self.intra_lat_s = n.intra.latency_us * 1e-6
         self.node_inter_gbps = n.inter.nic_gbps * n.inter.nics_per_node * n.inter.efficiency
-        self.inter_lat_s = n.inter.latency_us * 1e-6
+        self.latency = {"intra": n.intra.latency, "inter": n.inter.latency}
+        self.host_s = {"fwd": s.host.fwd_us * 1e-6, "recompute": s.host.recompute_us * 1e-6,
+                       "bwd": s.host.bwd_us * 1e-6}
         self._overlap = {"dp": s.overlap.dp, "tp": s.overlap.tp, "tp_wgrad": s.overlap.tp_wgrad}
         self.dtype = s.device.dtype
         self.peak_tflops = self.peak_for(self.dtype)
@@ -269,22 +73,16 @@ class SpecProfile(SystemProfile):
         data, text, p = read_spec(name_or_path)
         return cls(data, source=str(p), text=text)
 
-    def with_knobs(self, knobs: Mapping[str, Any]) -> "SpecProfile":
+    def with_knobs(self, knobs: Mapping[str, Any], *, because: str | None = None) -> "SpecProfile":
         """A copy with dotted keys replaced, e.g. ``{"efficiency.gemm_max": 0.7}``; the copy
-        is validated like a file (an unknown knob is refused)."""
+        is validated like a file (an unknown knob is refused). ``because``, when given,
+        becomes each replaced key's provenance, so every source that cites it says so."""
         spec = copy.deepcopy(self.spec)
         for k, v in knobs.items():
-            _set(spec, k, v)
+            set_dotted(spec, k, v)
+        if because:
+            spec["provenance"] = {**(spec.get("provenance") or {}), **dict.fromkeys(knobs, because)}
         return SpecProfile(spec, source=self.source)
-
-    def knob(self, dotted: str, default: float | None = None) -> float:
-        """A knob's value by dotted key (``efficiency.gemm_max``); KeyError if absent."""
-        try:
-            return float(_get(self.spec, dotted))
-        except KeyError:
-            if default is None:
-                raise
-            return default
 
     def peak_for(self, dtype: str) -> float:
         if dtype in self._peaks:
@@ -311,65 +109,38 @@ class SpecProfile(SystemProfile):
             parts.append(f"{display_path(DEVICES_FILE)}: {', '.join(dev)}")
         return f"specified ({'; '.join(parts)})"
 
-    def gemm_source(self, gemm: Gemm) -> str:
-        return self.spec_source(f"device:peak_tflops.{gemm.dtype}", "device:compute_units",
-                                "device:mem_bw_gbps", "efficiency.gemm_max", "efficiency.gemm_tile",
-                                "efficiency.gemm_k_half", "efficiency.gemm_latency_us", "efficiency.memop")
-
-    def attention_source(self, att: Attention) -> str:
-        if self._attention_fused:
-            return self.spec_source(f"device:peak_tflops.{att.dtype}", "efficiency.attention",
-                                    "efficiency.attention_fused", "efficiency.gemm_latency_us")
-        # explicit: its batched GEMMs on the GEMM roofline (attention_time_s)
-        return self.spec_source(f"device:peak_tflops.{att.dtype}", "device:compute_units", "device:mem_bw_gbps",
-                                "efficiency.attention", "efficiency.attention_fused", "efficiency.gemm_tile",
-                                "efficiency.gemm_k_half", "efficiency.gemm_latency_us", "efficiency.memop")
-
-    def bytes_source(self, *, op: str = "copy", nbytes: float | None = None) -> str:
-        return self.spec_source("device:mem_bw_gbps", "efficiency.memop", "efficiency.memop_latency_us")
-
-    def collective_source(self, coll: Collective, *, crosses_nodes: bool, num_groups: int = 1,
-                          ranks_per_node_in_group: int | None = None) -> str:
-        intra = ("network.intra.busbw_gbps", "network.intra.efficiency", "network.intra.latency_us")
-        if not crosses_nodes:
-            return self.spec_source(*intra)
-        return self.spec_source(*intra, "network.inter.nic_gbps", "network.inter.nics_per_node",
-                                "network.inter.efficiency", "network.inter.latency_us")
-
-    def p2p_source(self, *, crosses_nodes: bool, coll: Collective | None = None) -> str:
-        if crosses_nodes:
-            return self.spec_source("network.inter.nic_gbps", "network.inter.nics_per_node",
-                                    "network.inter.efficiency", "network.inter.latency_us",
-                                    "node.ranks_per_node")
-        return self.spec_source("network.intra.p2p_gbps", "network.intra.efficiency", "network.intra.latency_us")
-
-    def overlap_source(self, kind: str) -> str:
-        return self.spec_source(f"overlap.{kind}")
-
-    def layer_overhead_source(self) -> str:
-        return self.spec_source("efficiency.layer_overhead_us")
+    def _link_source(self, tier: str, *extra: str) -> str:
+        if tier == "intra":
+            keys = ("network.intra.busbw_gbps", "network.intra.efficiency", "network.intra.latency")
+        else:
+            keys = ("network.inter.nic_gbps", "network.inter.nics_per_node", "network.inter.efficiency",
+                    "network.inter.latency")
+        return self.spec_source(*keys, *extra)
 
     def sources(self) -> dict[str, str]:
         g = Gemm("g", "fwd", 1, 1, 1, 1, self.dtype)
         c = Collective("c", "allreduce", "tp", 1, self.dtype, 1, "fwd", 2)
+        one, many = Placement(False, 2, 1, 1), Placement(True, 1, 2, 1)
         return {"peak": self.spec_source(f"device:peak_tflops.{self.dtype}"),
                 "memory": self.spec_source("device:memory_gib"),
-                "gemm": self.gemm_source(g),
-                "attention": self.attention_source(Attention("a", "fwd", 1, 1, 1, 1, self.dtype)),
-                "memop": self.bytes_source(),
-                "collective.intra": self.collective_source(c, crosses_nodes=False),
-                "collective.inter": self.collective_source(c, crosses_nodes=True),
-                "p2p.intra": self.p2p_source(crosses_nodes=False),
-                "p2p.inter": self.p2p_source(crosses_nodes=True),
-                **{f"overlap.{k}": self.overlap_source(k) for k in ("dp", "tp", "tp_wgrad")},
-                "layer_overhead": self.layer_overhead_source()}
+                "gemm": self.gemm(g).source,
+                "attention": self.attention(Attention("fwd", 1, 1, 1, 1, 1, self.dtype)).source,
+                "memop": self.memop(MemOp("copy", "fwd", 1, 1)).source,
+                "collective.intra": self.collective(c, one).source,
+                "collective.inter": self.collective(c, many).source,
+                "p2p.intra": self.p2p(c, one).source,
+                "p2p.inter": self.p2p(c, many).source,
+                **{f"overlap.{k}": self.overlap(k).source for k in ("dp", "tp", "tp_wgrad")},
+                "host": self.host(HostPath("fwd")).source,
+                "tp_sync": self.tp_sync(None).source}
 
     # compute --------------------------------------------------------------------------
     def gemm_efficiency(self, gemm: Gemm) -> float:
         """Fraction of peak: gemm_max × tile quantization × wave quantization × k ramp.
         Tiles: the output is cut in tm×tn tiles, partial tiles cost full ones; waves: tiles run
-        in waves of ``compute_units`` (NVIDIA's "wave quantization", GEMM performance guide);
-        small k amortizes the epilogue badly: k/(k + k_half)."""
+        in waves of ``compute_units`` (NVIDIA's "wave quantization", GEMM performance guide),
+        so a GEMM whose tiles fill a fraction of one wave runs at that fraction of the
+        device; small k amortizes the epilogue badly: k/(k + k_half)."""
         tm, tn = self.gemm_tile
         mt, nt = math.ceil(gemm.m / tm), math.ceil(gemm.n / tn)
         q_tile = gemm.m * gemm.n / (mt * tm * nt * tn)
@@ -379,7 +150,7 @@ class SpecProfile(SystemProfile):
         k_ramp = gemm.k / (gemm.k + self.gemm_k_half)
         return self.gemm_max * q_tile * q_wave * k_ramp
 
-    def gemm_time_s(self, gemm: Gemm, *, efficiency: float | None = None) -> float:
+    def gemm_seconds(self, gemm: Gemm, *, efficiency: float | None = None) -> float:
         """Roofline: the slower of the tensor-core time at the shape's efficiency and the
         minimum traffic at the memory-bound ops' achieved bandwidth; plus a fixed latency.
         ``efficiency`` replaces ``gemm_max`` (the attention's batched GEMMs use their own)."""
@@ -390,7 +161,13 @@ class SpecProfile(SystemProfile):
         memory = gemm.bytes / (self.mem_bw_gbps * 1e9 * self.memop_eff)
         return max(compute, memory) + self.gemm_latency_s
 
-    def attention_time_s(self, att: Attention) -> float:
+    def gemm(self, gemm: Gemm) -> Priced:
+        return Priced(self.gemm_seconds(gemm), self.spec_source(
+            f"device:peak_tflops.{gemm.dtype}", "device:compute_units", "device:mem_bw_gbps",
+            "efficiency.gemm_max", "efficiency.gemm_tile", "efficiency.gemm_k_half",
+            "efficiency.gemm_latency_us", "efficiency.memop"))
+
+    def attention(self, att: Attention) -> Priced:
         """Fused (flash) attention: causal FLOPs at a fixed fraction of peak. Explicit
         (unfused) attention, as Megatron's CoreAttention runs it: its batched GEMMs
         (``Attention.gemms``) one by one, each on the GEMM roofline at the attention
@@ -399,59 +176,82 @@ class SpecProfile(SystemProfile):
         (the softmax and dropout on the scores are separate memops)."""
         if self._attention_fused:
             flop = att.flop_causal if att.causal else att.flop
-            return flop / (self.peak_for(att.dtype) * 1e12 * self.attention_eff) + self.gemm_latency_s
-        return sum(self.gemm_time_s(g, efficiency=self.attention_eff) for g in att.gemms)
+            t = flop / (self.peak_for(att.dtype) * 1e12 * self.attention_eff) + self.gemm_latency_s
+            return Priced(t, self.spec_source(f"device:peak_tflops.{att.dtype}", "efficiency.attention",
+                                              "efficiency.attention_fused", "efficiency.gemm_latency_us"))
+        t = sum(self.gemm_seconds(g, efficiency=self.attention_eff) for g in att.gemms)
+        return Priced(t, self.spec_source(
+            f"device:peak_tflops.{att.dtype}", "device:compute_units", "device:mem_bw_gbps",
+            "efficiency.attention", "efficiency.attention_fused", "efficiency.gemm_tile",
+            "efficiency.gemm_k_half", "efficiency.gemm_latency_us", "efficiency.memop"))
 
     @property
     def attention_fused(self) -> bool:
         return self._attention_fused
 
-    def layer_overhead_time_s(self) -> float:
-        return self.layer_overhead_s
+    def memop(self, op: MemOp) -> Priced:
+        t = op.bytes / (self.mem_bw_gbps * 1e9 * self.memop_eff) + self.memop_latency_s
+        return Priced(t, self.spec_source("device:mem_bw_gbps", "efficiency.memop", "efficiency.memop_latency_us"))
 
-    def memop_time_s(self, op: MemOp) -> float:
-        return self.bytes_time_s(op.bytes, op=op.name)
+    def host(self, h: HostPath) -> Priced:
+        return Priced(h.count * self.host_s[h.phase], self.spec_source(f"host.{h.phase}_us", "device:asynchronous"))
 
-    def bytes_time_s(self, nbytes: float, *, op: str = "copy") -> float:
-        return nbytes / (self.mem_bw_gbps * 1e9 * self.memop_eff) + self.memop_latency_s
+    def tp_sync(self, op) -> Priced:
+        """A spec prices a TP reduction as a whole (its link, efficiency and latency stand for
+        the reduction as it runs in a step): no separate in-step term, and the source says so."""
+        return Priced(0.0, self.spec_source("network.intra.busbw_gbps", "network.intra.efficiency",
+                                            "network.intra.latency")
+                      .replace("specified (", "specified (no in-step term apart from the reduction's own price: ", 1))
 
     # communication --------------------------------------------------------------------
+    def alpha_s(self, tier: str, kind: str, n: int) -> float:
+        """One call's latency on ``tier`` (intra|inter) for a group of ``n``: base + per step ×
+        the algorithm's steps (:class:`Latency`)."""
+        lat = self.latency[tier]
+        return (lat.base_us + lat.per_step_us * latency_steps(kind, n, lat.law)) * 1e-6
+
     def _intra_s(self, kind: str, size: float, n: int) -> float:
         if n <= 1:
             return 0.0
-        return self.intra_lat_s + bus_factor(kind, n) * size / (self.intra_busbw * 1e9)
+        return self.alpha_s("intra", kind, n) + bus_factor(kind, n) * size / (self.intra_busbw * 1e9)
 
     def _inter_rank_gbps(self, active_ranks: int) -> float:
         return self.node_inter_gbps / max(1, min(active_ranks, self.ranks_per_node))
 
-    def collective_time_s(self, coll: Collective, *, crosses_nodes: bool, num_groups: int = 1,
-                          ranks_per_node_in_group: int | None = None) -> float:
+    def collective(self, coll: Collective, placement: Placement) -> Priced:
         n, size, kind = coll.group_size, float(coll.bytes), coll.kind
-        if n <= 1:
-            return 0.0
         if kind == "sendrecv":
-            return self.p2p_time_s(coll, crosses_nodes=crosses_nodes)
-        if not crosses_nodes:
-            return self._intra_s(kind, size, n)
+            return self.p2p(coll, placement)
+        tier = "inter" if placement.crosses_nodes else "intra"
+        source = self._link_source(tier) if tier == "intra" else \
+            self.spec_source("network.intra.busbw_gbps", "network.intra.efficiency", "network.intra.latency",
+                             "network.inter.nic_gbps", "network.inter.nics_per_node", "network.inter.efficiency",
+                             "network.inter.latency")
+        if n <= 1:
+            return Priced(0.0, source)
+        if not placement.crosses_nodes:
+            return Priced(self._intra_s(kind, size, n), source)
         # Hierarchical (NCCL/oneCCL two-level): intra-node reduce-scatter, inter-node
         # collective of S/r over the nodes with each rank on its own NIC share, intra allgather.
-        r = max(1, min(ranks_per_node_in_group or 1, n))  # None: one rank of the group per node
+        r = max(1, min(placement.ranks_per_node_in_group or 1, n))
         nodes = max(2, math.ceil(n / r))
-        bw = self._inter_rank_gbps(r * max(1, num_groups)) * 1e9
-        inter = bus_factor(kind, nodes) * (size / r) / bw + self.inter_lat_s * (1 + math.log2(nodes))
+        bw = self._inter_rank_gbps(r * max(1, placement.num_groups)) * 1e9
+        inter = bus_factor(kind, nodes) * (size / r) / bw + self.alpha_s("inter", kind, nodes)
         intra = 0.0
         if r > 1:
             if kind == "allreduce":
                 intra = self._intra_s("reduce_scatter", size, r) + self._intra_s("allgather", size, r)
             else:
                 intra = self._intra_s(kind, size, r)
-        return intra + inter
+        return Priced(intra + inter, source)
 
-    def p2p_time_s(self, coll: Collective, *, crosses_nodes: bool) -> float:
-        if crosses_nodes:  # every rank of a node sends its own boundary at once
-            return self.inter_lat_s + coll.bytes / (self._inter_rank_gbps(self.ranks_per_node) * 1e9)
-        return self.intra_lat_s + coll.bytes / (self.intra_p2p * 1e9)
+    def p2p(self, coll: Collective, placement: Placement) -> Priced:
+        if placement.crosses_nodes:  # every rank of a node sends its own boundary at once
+            t = self.alpha_s("inter", "sendrecv", 2) + coll.bytes / (self._inter_rank_gbps(self.ranks_per_node) * 1e9)
+            return Priced(t, self._link_source("inter", "node.ranks_per_node"))
+        t = self.alpha_s("intra", "sendrecv", 2) + coll.bytes / (self.intra_p2p * 1e9)
+        return Priced(t, self.spec_source("network.intra.p2p_gbps", "network.intra.efficiency",
+                                          "network.intra.latency"))
 
-    def overlap(self, kind: str) -> float:
-        return self._overlap[kind]
-
+    def overlap(self, kind: str) -> Priced:
+        return Priced(self._overlap[kind], self.spec_source(f"overlap.{kind}"))

@@ -4,7 +4,7 @@ against a bare ``dist.all_reduce`` loop timed with the same Timer, as a ratio, i
     python -m benchmarks.allreduce_overhead [--ranks 2] [-b 1K -e 16M -f 16] [-n 50]
 
 Both sides run on the same ranks, on the same buffers, back to back per size. The probe side
-is :func:`microbench.harness.measure_case` (barrier per iteration outside the timed region,
+is :func:`microbench.harness.engine.measure_case` (barrier per iteration outside the timed region,
 per-iteration max over ranks, median); the bare side times n back-to-back calls and divides.
 A ratio near 1 says the probe reports what the collective costs; above 1 it includes the
 per-iteration synchronisation a bare loop lets the collectives pipeline away.
@@ -17,10 +17,15 @@ import json
 import statistics
 import sys
 
-from microbench.cli import ArgumentParser
+from microbench.harness.cli import ArgumentParser
 from microbench.allreduce import AllReduce
-from microbench.harness import Context, Timer, make_grid, measure_case, parse_size
-from microbench.runtime import detect_launcher, init_world, spawn_local_world
+from microbench.harness.contract import Context
+from microbench.harness.engine import measure_case
+from microbench.harness.options import make_grid, parse_size
+from microbench.harness.timing import Timer
+from microbench.runtime.launch import detect_launcher
+from microbench.runtime.world import init_world
+from microbench.runtime.spawn import spawn_local_world
 
 
 def main(argv: list[str]) -> int:

@@ -2,6 +2,17 @@
 
     python -m benchmarks.crosscheck_megatron [--source DIR] [--layouts tp2,pp2,dp2,tp2pp2]
                                              [--runs 3] [--iters 8] [--warmup 2] [--out DIR]
+    python -m benchmarks.crosscheck_megatron --grid benchmarks/megatron_grid.yaml [--only A,B | --ci]
+                                             [--csv PATH] [--out DIR] [--reuse]
+    python -m benchmarks.crosscheck_megatron --table benchmarks/results/megatron-grid-….csv
+
+``--grid``: every configuration of a grid file (sizes, layouts, recompute, sequence
+parallelism, ZeRO), each with its error's 95 % interval over probe/framework pairs and a
+control measured twice for the machine's noise floor; one CSV under ``benchmarks/results/``
+with a machine sidecar (``benchmarks/megatron_grid.py``). ``--reuse`` keeps every complete
+run directory under ``--out``: an interrupted grid resumes, and a finished one is priced
+again by the current model without measuring. ``--table`` prints the README's table from
+such a CSV.
 
 The size is the ``mds-cpu`` preset (4 layers, hidden 512, 8 heads, SwiGLU FFN 2048, seq 512,
 vocab 2048, mbs 1, gbs 8 → 8 micro-batches per replica, fp32): compute-bound on a laptop CPU
@@ -19,17 +30,54 @@ table and one JSON line (~40 min for the four layouts on 2 cores).
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
-from pathlib import Path
 
 from analysis.crosscheck import CrossCheckError
-from analysis.crosscheck_megatron import add_args, main_megatron
-from microbench.cli import ArgumentParser
+from analysis.crosscheck.megatron import add_args, main_megatron
+from analysis.crosscheck.probes import ran_past
+from microbench.harness.cli import ArgumentParser
 
 TARGET_PCT = 15.0
 
 
+def grid_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="python -m benchmarks.crosscheck_megatron")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--grid", help="grid file (YAML; see analysis/crosscheck/grid.py)")
+    g.add_argument("--table", help="print the markdown table of a grid CSV and stop")
+    ap.add_argument("--only", default=None, help="comma-separated configuration names")
+    ap.add_argument("--ci", action="store_true", help="the configurations the grid's 'ci' list names")
+    ap.add_argument("--csv", default=None, help="result CSV (default benchmarks/results/megatron-grid-<time>.csv)")
+    ap.add_argument("--out", default=None, help="run directories (default results/crosscheck-megatron-grid-<time>)")
+    ap.add_argument("--source", default=None, help="Megatron-DeepSpeed checkout (default: the vendored one)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep every complete run directory under --out: an interrupted grid resumes, a finished "
+                         "one is priced again by this checkout without measuring")
+    ap.add_argument("--system", default="aurora", help="spec for what no probe measures (default %(default)s)")
+    ap.add_argument("--timeout-s", type=float, default=1800.0, help="limit of each framework run and probe")
+    ap.add_argument("--probe-iters", type=int, default=30, help="iterations of each compute probe case")
+    ap.add_argument("--probe-warmup", type=int, default=5, help="warm-up iterations of each compute probe case")
+    return ap
+
+
 def main(argv: list[str]) -> int:
+    if any(x in ("--grid", "--table") or x.startswith(("--grid=", "--table=")) for x in argv):
+        from benchmarks.megatron_grid import main_grid
+        a = grid_parser().parse_args(argv)
+        if a.only and a.ci:
+            print("error: benchmarks.crosscheck_megatron: --only and --ci: give one", file=sys.stderr)
+            return 2
+        if a.probe_iters < 1 or a.probe_warmup < 0 or not 0 < a.timeout_s < float("inf"):
+            print(f"error: benchmarks.crosscheck_megatron: --probe-iters {a.probe_iters} --probe-warmup "
+                  f"{a.probe_warmup} --timeout-s {a.timeout_s}: need ≥ 1, ≥ 0 and a finite positive limit",
+                  file=sys.stderr)
+            return 2
+        try:
+            return main_grid(a, argv)
+        except CrossCheckError as e:
+            print(f"error: benchmarks.crosscheck_megatron: {e}", file=sys.stderr)
+            return 2
     ap = ArgumentParser(prog="python -m benchmarks.crosscheck_megatron")
     sub = ap.add_subparsers(dest="cmd")
     add_args(sub)
@@ -48,6 +96,9 @@ def main(argv: list[str]) -> int:
     except CrossCheckError as e:
         print(f"error: benchmarks.crosscheck_megatron: {e}", file=sys.stderr)
         return 2
+    except subprocess.TimeoutExpired as e:
+        print(f"error: benchmarks.crosscheck_megatron: {ran_past(e)}", file=sys.stderr)
+        return 1
     out_lines = buf.getvalue().splitlines()
     result = json.loads(out_lines[-1])
     print("\n".join(out_lines[:-1]))

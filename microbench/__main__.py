@@ -1,7 +1,7 @@
-"""``python -m microbench``: the whole campaign (see :mod:`microbench.campaign`)."""
+"""``python -m microbench``: the whole campaign (see :mod:`microbench.harness.campaign`)."""
 import sys
 
-from .campaign import main
+from microbench.harness.campaign import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .collective import ShardedCollectiveProbe, count_wrong, pattern
-from .harness import Case, Context, main_for, torch_dtype
+from microbench.harness.collective import ShardedCollectiveProbe, count_wrong, pattern
+from microbench.harness.contract import Case, Context
+from microbench.harness.engine import main_for
+from microbench.harness.options import torch_dtype
 
 
 class AllGather(ShardedCollectiveProbe):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .collective import CollectiveProbe, count_wrong, pattern, tp_activation_elements
-from .harness import Case, Context, main_for
+from microbench.harness.collective import CollectiveProbe, count_wrong, pattern, tp_activation_elements
+from microbench.harness.contract import Case, Context
+from microbench.harness.engine import main_for
 
 
 class AllReduce(CollectiveProbe):

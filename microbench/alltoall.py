@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .collective import CollectiveProbe, count_wrong, pattern
-from .harness import Case, Context, main_for
-from .runtime import UsageError
+from microbench.harness.collective import CollectiveProbe, count_wrong, pattern
+from microbench.harness.contract import Case, Context
+from microbench.harness.engine import main_for
+from microbench.runtime.errors import UsageError
 
 
 class AllToAll(CollectiveProbe):

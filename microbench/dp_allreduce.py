@@ -19,13 +19,16 @@ import argparse
 import math
 from typing import Any, Iterable
 
-from .allgather import AllGather
-from .allreduce import AllReduce
-from .collective import bus_factor, dp_bucket_elements, dp_collectives
-from .config import dtype_bytes
-from .harness import Case, Context, Probe, main_for, parse_size
-from .reduce_scatter import ReduceScatter
-from .runtime import UsageError
+from microbench.allgather import AllGather
+from microbench.allreduce import AllReduce
+from microbench.harness.collective import dp_bucket_elements, dp_collectives
+from microbench.model.metrics import bus_factor
+from microbench.model.config import dtype_bytes
+from microbench.harness.contract import Case, Context, Probe
+from microbench.harness.engine import main_for
+from microbench.harness.options import parse_size
+from microbench.reduce_scatter import ReduceScatter
+from microbench.runtime.errors import UsageError
 
 SUBS = {"allreduce": AllReduce(), "reduce_scatter": ReduceScatter(), "allgather": AllGather()}
 

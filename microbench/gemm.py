@@ -16,23 +16,23 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .compute import ComputeProbe, Work, count_gemm_wrong, randn
-from .harness import Case, Context, layout_config, main_for
-from .runtime import UsageError
-from .workload import workload
+from microbench.harness.checks import count_gemm_wrong
+from microbench.harness.compute import ComputeProbe, Work, randn, scale_dim
+from microbench.harness.contract import Case, Context
+from microbench.harness.engine import main_for
+from microbench.harness.modelargs import config_from_args
+from microbench.runtime.errors import UsageError
+from microbench.model.workload import distinct_gemms
 
 LAYOUT = {"fwd": "NT", "dgrad": "NN", "wgrad": "TN"}
 MULTIPLE = 8  # scaled GEMM dims stay multiples of 8: what tensor cores / XMX tiles want
 
 
 def gemm_shapes(cfg, *, scale: float = 1.0) -> list[dict[str, Any]]:
-    """Every distinct GEMM of one layer plus the LM head (fwd, dgrad, wgrad), scaled."""
-    from .compute import scale_dim
-    w = workload(cfg)
+    """The workload's distinct GEMMs (:func:`~microbench.model.workload.distinct_gemms`) as
+    cases, every dimension scaled by ``--scale`` to a multiple of 8."""
     out = []
-    for g in w.gemms + w.head_gemms:
-        if g.phase == "recompute":
-            continue
+    for g in distinct_gemms(cfg):
         m, n, k = (scale_dim(v, scale, f"{g.name} {g.phase} {d}", multiple=MULTIPLE)
                    for d, v in (("m", g.m), ("n", g.n), ("k", g.k)))
         out.append({"op": g.name, "phase": g.phase, "m": m, "n": n, "k": k, "batch": g.batch,
@@ -61,7 +61,7 @@ def gemm_operands(f: dict[str, Any], *, seed: int, device):
 
 def gemm_work(f: dict[str, Any], *, seed: int, device, check_rows: int = 16, check_cols: int = 256) -> Work:
     """C = A·B timed; checked on C's first rows/columns against a float64 reference, with
-    the tolerance derived in :mod:`microbench.checks` (output rounding + probabilistic fp32
+    the tolerance derived in :mod:`microbench.harness.checks` (output rounding + probabilistic fp32
     accumulation bound; NaN/inf wrong)."""
     import torch
     a, b = gemm_operands(f, seed=seed, device=device)
@@ -93,7 +93,7 @@ class Gemm(ComputeProbe):
     def validate(self, args: argparse.Namespace) -> None:
         super().validate(args)
         args.shapes = [parse_shape(s) for s in args.shape]
-        cfg = layout_config(args, world_size=None)
+        cfg = config_from_args(args, layout="world")
         if cfg is not None:
             try:
                 gemm_shapes(cfg, scale=args.scale)

@@ -19,13 +19,15 @@ import argparse
 import dataclasses
 from typing import Any, Iterable
 
-from .allreduce import AllReduce
-from .collective import dp_bucket_elements, dp_collectives, tp_activation_elements
-from .compute import check_scale, scale_dim
-from .config import dtype_bytes, with_layout
-from .harness import Case, Context, Probe, Skip, main_for, torch_dtype
-from .runtime import UsageError
-from .workload import workload
+from microbench.allreduce import AllReduce
+from microbench.harness.collective import dp_bucket_elements, dp_collectives, tp_activation_elements
+from microbench.harness.compute import check_scale, scale_dim
+from microbench.model.config import dtype_bytes, with_layout
+from microbench.harness.contract import Case, Context, Probe, Skip
+from microbench.harness.engine import main_for
+from microbench.harness.options import torch_dtype
+from microbench.runtime.errors import UsageError
+from microbench.model.workload import workload
 
 VARIANTS = ("gemm_alone", "collective_alone", "both")
 DEFAULT_GEMMS = "fc2.dgrad,fc2.wgrad,fc1.dgrad,fc1.wgrad"  # a layer's backward MLP, in order

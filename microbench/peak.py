@@ -9,13 +9,14 @@ is compute-bound (2·N³ FLOP on 3·N² elements), the copy memory-bound (reads 
 byte once: bytes_moved = 2·size). Both land in the manifest as ``peak_tflops`` (per dtype)
 and ``peak_gbps``. The buffers are sized far beyond any cache (128 MiB on a CPU, 1 GiB on a
 GPU against ≤ 50 MB of H100 L2 and 408 MB of Max 1550 L2 per GPU). The two cases are
-defined in :mod:`microbench.compute` (every compute probe measures its denominator first);
+defined in :mod:`microbench.harness.compute` (every compute probe measures its denominator first);
 this module only runs them alone.
 """
 from __future__ import annotations
 
-from .compute import ComputeProbe, copy_peak_case, gemm_peak_case
-from .harness import Context, main_for
+from microbench.harness.compute import ComputeProbe, copy_peak_case, gemm_peak_case
+from microbench.harness.contract import Context
+from microbench.harness.engine import main_for
 
 
 class Peak(ComputeProbe):

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 from typing import Any, Iterable
 
-from .collective import add_size_args, count_wrong, pattern, sweep_sizes, validate_sizes
-from .config import dtype_bytes
-from .harness import Case, Context, Probe, main_for, torch_dtype
-from .runtime import UsageError
-from .workload import workload
+from microbench.harness.collective import add_size_args, count_wrong, pattern, sweep_sizes, validate_sizes
+from microbench.model.config import dtype_bytes
+from microbench.harness.contract import Case, Context, Probe
+from microbench.harness.engine import main_for
+from microbench.harness.options import torch_dtype
+from microbench.runtime.errors import UsageError
+from microbench.model.workload import workload
 
 GRAD_SEED = 5  # the gradient's fill differs from the activation's
 

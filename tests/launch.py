@@ -79,3 +79,16 @@ def have_mpi() -> bool:
     except ImportError:
         return False
     return True
+
+
+def pids_with(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker`` (a test's unique tmp path)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker.encode() in (d / "cmdline").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found

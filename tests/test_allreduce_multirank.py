@@ -3,7 +3,7 @@ arithmetic; under the embedded launcher and under mpiexec; and a rank that dies 
 import pytest
 
 from analysis import load
-from microbench.results import read_run
+from microbench.runtime.results import read_run
 from tests.launch import have_mpi, run_local, run_mpi
 
 pytestmark = pytest.mark.multirank
@@ -89,7 +89,7 @@ def test_dead_rank_ends_the_run_and_keeps_earlier_rows(tmp_path):
     res = run_local("microbench.allreduce", "-b", "1K", "-e", "64K", "-f", "4", "-n", "3", "-w", "1",
                     "--timeout-s", "20", "--out", str(tmp_path / "r"), ranks=2, timeout=90,
                     MICROBENCH_FAULT="1:2")
-    assert res.returncode != 0
+    assert res.returncode == 17, res.stderr  # the dead rank's own code (rank 0's failed case is 1)
     assert "rank 1 of the embedded 2-rank world ended with exit code 17" in res.stderr
     assert "rank 0" in res.stderr and "case allreduce-4096-out failed" in res.stderr
     man, rows = read_run(tmp_path / "r")
@@ -102,7 +102,7 @@ def test_hung_rank_ends_the_run_within_the_timeout(tmp_path):
     res = run_local("microbench.allreduce", "-b", "1K", "-e", "4K", "-f", "4", "-n", "2", "-w", "0",
                     "--timeout-s", "5", "--out", str(tmp_path / "r"), ranks=2, timeout=120,
                     MICROBENCH_FAULT="1:1:hang")
-    assert res.returncode != 0
+    assert res.returncode == 1, res.stderr  # rank 0's failed case; the hung rank is killed (a signal)
     assert "rank 0" in res.stderr and "group timeout 5 s" in res.stderr
     assert "rank 1 still running" in res.stderr  # the launcher ends the hung rank
     _, rows = read_run(tmp_path / "r")

@@ -29,8 +29,9 @@ def _file(tmp: Path, name: str, data: bytes | str) -> str:
     return str(p)
 
 
-def _run(tmp: Path, *, rows: bytes | None = None, manifest: bytes | None = None, closed=True) -> str:
-    from microbench.results import MANIFEST, ROWS, RunWriter
+def _run(tmp: Path, *, rows: bytes | None = None, manifest: bytes | None = None, closed=True,
+         no_rows=False) -> str:
+    from microbench.runtime.results import MANIFEST, ROWS, RunWriter
     d = tmp / "run"
     w = RunWriter(d, {"probe": "allreduce", "world_size": 2, "device": "cpu"})
     w.write_row({"probe": "allreduce", "case": "a", "status": "ok"})
@@ -40,6 +41,8 @@ def _run(tmp: Path, *, rows: bytes | None = None, manifest: bytes | None = None,
         (d / ROWS).write_bytes(rows)
     if manifest is not None:
         (d / MANIFEST).write_bytes(manifest)
+    if no_rows:
+        (d / ROWS).unlink()
     return str(d)
 
 
@@ -80,6 +83,13 @@ CASES = [
      2, "rows.jsonl:1: malformed JSON line"),
     ("results", "a-file-not-a-run", lambda t: ("analysis.report", [_file(t, "rows.jsonl", "{}\n")], {}),
      2, "not a run directory"),
+    ("results", "manifest-without-rows", lambda t: ("analysis.report", [_run(t, rows=None, no_rows=True)], {}),
+     2, "rows.jsonl: missing"),
+    ("results", "run-with-zero-rows", lambda t: ("analysis.report", [_run(t, rows=b"")], {}),
+     2, "the run has no rows"),
+    ("results", "empty-system-yaml", lambda t: ("analysis.predict", ["--model", "tiny", "--system",
+                                                                     _file(t, "empty.yaml", "")], {}),
+     2, "empty.yaml: empty"),
     ("env", "pmi-rank-abc", lambda t: (AR, [], {"PMI_RANK": "abc", "PMI_SIZE": "2"}), 2, "PMI_RANK='abc'"),
     ("env", "torchrun-vs-pmi", lambda t: (AR, [], {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
                                                     "PMI_RANK": "0", "PMI_SIZE": "2"}), 2,
@@ -102,6 +112,7 @@ CASES = [
 # lines are kept).
 LOGS = [
     ("huge-integer", GOOD_ITER.format(i="99999999999999999999999", e="120.0", loss="2.5"), 3),
+    ("5000-digit-iteration", GOOD_ITER.format(i="9" * 5000, e="120.0", loss="2.5"), 3),
     ("impossible-date", "[2024-13-45 25:61:00] " + GOOD_ITER.format(i=3, e="120.0", loss="2.5"), 4),
     ("elapsed-nan", GOOD_ITER.format(i=3, e="nan", loss="2.5"), 3),
     ("elapsed-inf", GOOD_ITER.format(i=3, e="inf", loss="2.5"), 3),

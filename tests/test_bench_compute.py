@@ -14,7 +14,7 @@ from functools import partial
 import pytest
 
 from microbench.attention import PATHS, attention_shapes, attention_work
-from microbench.config import tiny
+from microbench.model.config import tiny
 from microbench.gemm import gemm_shapes, gemm_work
 from microbench.layer_ops import adamw_shape, adamw_work, memop_shapes, memop_work
 
@@ -26,10 +26,10 @@ def _bench(benchmark, make, info: dict) -> None:
     """Time ``make(seed=1).run`` as the harness does, then check ``make(seed=2)``."""
     work = make(seed=1)
     benchmark.extra_info.update({k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))})
-    setup = None
-    if work.prepare is not None:
+    prep, setup = work.prepare, None
+    if prep is not None:
         def setup() -> None:  # untimed, before every round (pytest-benchmark's setup hook)
-            work.prepare()
+            prep()
     benchmark.pedantic(work.run, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
     t = benchmark.stats.stats.median
     if "flop" in info:

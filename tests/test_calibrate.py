@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import yaml
 
-from analysis.calibrate import KNOBS, Case, Knob, cross_validate, fit, main, read_cases, summary, errors
+from analysis.calibrate import KNOBS, Observation, Knob, cross_validate, fit, main, read_cases, errors
 from analysis.predict import predict
-from analysis.profile import SYSTEMS_DIR, SpecProfile
-from microbench.config import ModelConfig, ParallelConfig, TrainConfig
+from analysis.spec import SpecProfile
+from microbench.model.systems import SYSTEMS_DIR
+from microbench.model.config import ModelConfig, ParallelConfig, TrainConfig
 
 VTRAIN = Path(__file__).resolve().parents[2] / "shared" / "validation" / "vtrain_ground_truth_multi.csv"
 needs_vtrain = pytest.mark.skipif(not VTRAIN.is_file(), reason="../shared/validation absent")
 A100_FILES = ("dgx-a100-80gb", "dgx-a100-40gb", "polaris")
-GEMM = Knob("efficiency.gemm_max", 0.5, 0.95, 0.80, "test", tied=("efficiency.attention",))
+GEMM = Knob("efficiency.gemm_max", 0.5, 0.95, 0.80, "test", tied=(("efficiency.attention", 1.0),))
 MEMOP = Knob("efficiency.memop", 0.2, 1.0, 0.80, "test")
 
 
@@ -28,7 +29,7 @@ def _cfg(hidden: int, layers: int, *, tp: int = 1, dp: int = 8, mbs: int = 1) ->
     return TrainConfig(model=model, parallel=par)
 
 
-def _synthetic(truth: SpecProfile, *, corrupt_size: str | None = None, factor: float = 1.0) -> list[Case]:
+def _synthetic(truth: SpecProfile, *, corrupt_size: str | None = None, factor: float = 1.0) -> list[Observation]:
     """Step times from a known profile, four model sizes × three layouts."""
     cases = []
     for h, L in ((1024, 8), (2048, 8), (3072, 4), (4096, 4)):
@@ -36,7 +37,7 @@ def _synthetic(truth: SpecProfile, *, corrupt_size: str | None = None, factor: f
             cfg = _cfg(h, L, tp=tp, dp=8 // tp, mbs=mbs)
             size = f"{cfg.model.num_params / 1e9:.1f}B"
             t = predict(cfg, truth).step_time_s * (factor if size == corrupt_size else 1.0)
-            cases.append(Case(cfg, t, size))
+            cases.append(Observation(cfg, t, size))
     return cases
 
 
@@ -48,29 +49,37 @@ def test_recovers_known_knobs_from_synthetic_times():
     assert values["efficiency.memop"] == pytest.approx(0.45, abs=0.02)
 
 
-LAYER = Knob("efficiency.layer_overhead_us", 0.0, 5000.0, 0.0, "test")
+HOST = Knob("host.fwd_us", 0.0, 5000.0, 0.0, "test", starts=(250.0, 500.0, 1000.0, 2000.0, 4000.0),
+            tied=(("host.recompute_us", 1.5), ("host.bwd_us", 2.0)))
+
+
+def test_a_knob_moves_its_tied_keys_by_their_factors():
+    assert HOST.assign(800.0) == {"host.fwd_us": 800.0, "host.recompute_us": 1200.0, "host.bwd_us": 1600.0}
 
 
 def test_recovers_a_knob_whose_prior_sits_on_its_bound():
-    """layer_overhead_us starts at its prior 0, the lower bound: the fit must still find the
-    800 µs the times were made with (started on the bound, it used to stay at 0)."""
+    """The host's time has its prior 0 on the lower bound, where the step does not depend on it:
+    started also from its ``starts`` the fit finds the 800 µs (forward; 1,200 and 1,600 µs for the
+    recompute and backward) the times were made with."""
     truth = SpecProfile.from_yaml("dgx-h100").with_knobs({"efficiency.gemm_max": 0.62, "efficiency.attention": 0.62,
-                                                          "efficiency.memop": 0.45, "efficiency.layer_overhead_us": 800.0})
-    _, values = fit(SpecProfile.from_yaml("dgx-h100"), _synthetic(truth), knobs=(GEMM, MEMOP, LAYER), max_nfev=60)
-    assert values["efficiency.layer_overhead_us"] == pytest.approx(800.0, rel=0.05)
+                                                          "efficiency.memop": 0.45, **HOST.assign(800.0)})
+    _, values = fit(SpecProfile.from_yaml("dgx-h100"), _synthetic(truth), knobs=(GEMM, MEMOP, HOST), max_nfev=60)
+    assert values["host.fwd_us"] == pytest.approx(800.0, rel=0.05)
     assert values["efficiency.gemm_max"] == pytest.approx(0.62, abs=0.01)
 
 
 def test_a_few_much_slower_runs_do_not_drag_the_fit():
     """A quarter of the runs 40 % slower (a straggler, a busy network): the default (Cauchy)
     fit still prices the other runs within 2 %; soft-L1 and plain least squares on the same
-    data miss them by 5 % and more, which is what the redescending loss is for."""
+    data miss them by 5 % and more, which is what the redescending loss is for. Device-bound
+    throughout (no host time): every run then depends on the knobs being fitted."""
+    no_host = {"host.fwd_us": 0.0, "host.recompute_us": 0.0, "host.bwd_us": 0.0}
     truth = SpecProfile.from_yaml("dgx-h100").with_knobs({"efficiency.gemm_max": 0.62, "efficiency.attention": 0.62,
-                                                          "efficiency.memop": 0.45})
-    cases = [Case(c.cfg, c.step_time_s * (1.4 if i % 4 == 1 else 1.0), c.size)
+                                                          "efficiency.memop": 0.45, **no_host})
+    cases = [Observation(c.cfg, c.step_time_s * (1.4 if i % 4 == 1 else 1.0), c.size)
              for i, c in enumerate(_synthetic(truth))]
     clean = [c for i, c in enumerate(cases) if i % 4 != 1]
-    start = SpecProfile.from_yaml("dgx-h100")
+    start = SpecProfile.from_yaml("dgx-h100").with_knobs(no_host)
     worst = {loss: np.abs(errors(fit(start, cases, knobs=(GEMM, MEMOP), max_nfev=60, loss=loss)[0], clean)).max()
              for loss in ("cauchy", "soft_l1", "linear")}
     assert worst["cauchy"] <= 0.02
@@ -205,6 +214,8 @@ def test_out_of_sample_error_on_vtrain_by_model_size(system):
     oos = rep["out_of_sample"]
     assert oos["n"] == 109
     assert oos["mape"] < rep["uncalibrated"]["mape"]
-    assert oos["mape"] <= 0.07  # measured 6.8 % on both files (README, Validation)
-    assert all(r["out_of_sample"]["mape"] <= 0.09 for r in rep["by_model_size"])
+    # measured 7.3 % on both files, per size 9.3 / 7.5 / 8.4 / 2.4 % (README, Validation); the
+    # capped fit lands within a tenth of a point of the converged one
+    assert oos["mape"] <= 0.075
+    assert all(r["out_of_sample"]["mape"] <= 0.095 for r in rep["by_model_size"])
     assert all(k["stable"] and k["at_bound"] is None for k in rep["knobs"].values())

@@ -6,9 +6,10 @@ import sys
 import pytest
 
 from analysis import load
-from microbench.campaign import auto_scale, parser, plan, validate
-from microbench.config import alcf_1t, tiny
-from microbench.results import read_run
+from microbench.harness.campaign import parser, plan, validate
+from microbench.harness.scale import auto_scale
+from microbench.model.config import alcf_1t, tiny
+from microbench.runtime.results import read_run
 from tests.launch import REPO, env, run_local
 
 
@@ -22,12 +23,12 @@ def test_plan_covers_every_component_of_a_step():
     steps = plan(args_for("--model", "tiny"), 2, "cpu")
     names = {s.module.split(".")[-1] for s in steps}
     assert names == {"gemm", "attention", "layer_ops", "allreduce", "allgather", "reduce_scatter",
-                     "sendrecv", "dp_allreduce", "overlap"}
+                     "sendrecv", "dp_allreduce", "overlap", "host"}
 
 
-def test_a_single_rank_world_plans_compute_only():
+def test_a_single_rank_world_plans_compute_and_host_only():
     names = {s.module.split(".")[-1] for s in plan(args_for("--model", "tiny"), 1, "cpu")}
-    assert names == {"gemm", "attention", "layer_ops"}
+    assert names == {"gemm", "attention", "layer_ops", "host"}
 
 
 def test_only_and_skip_filter_the_plan():
@@ -43,7 +44,7 @@ assert FC1_FLOP == 1_649_267_441_664
 
 
 def test_the_largest_1t_gemm_is_the_hand_computed_fc1():
-    from microbench.workload import workload
+    from microbench.model.workload import workload
     w = workload(alcf_1t())
     assert max(g.flop for g in w.gemms + w.head_gemms) == FC1_FLOP
 
@@ -80,7 +81,7 @@ def test_gpu_scale_is_one_and_a_cpu_needs_a_rate():
     (["--model", "gpt9"], "unknown preset; known: alcf-1t"),
     (["--only", "gemms"], "--only 'gemms': unknown probe"),
     (["--scale", "2"], "--scale 2: must be in (0, 1]"),
-    (["--system", "frontier"], "--system 'frontier': no such spec profile"),
+    (["--system", "frontier"], "--system: unknown system 'frontier'"),
     (["-n", "0"], "-n/--iters 0"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message):
@@ -113,7 +114,7 @@ def test_quick_campaign_on_the_embedded_world(tmp_path):
 
 @pytest.mark.parametrize("world, tp, pp", [(2, 2, 2), (12, 12, 4), (24, 12, 8), (768, 12, 128)])
 def test_group_sizes_fit_the_model_and_the_node(world, tp, pp):
-    from microbench.campaign import axis_size, check_steps
+    from microbench.harness.campaign import axis_size, check_steps
     cfg = alcf_1t()
     assert axis_size(cfg, "tp", world, cap=12) == tp  # TP inside a 12-tile node, heads % tp == 0
     assert axis_size(cfg, "pp", world) == pp          # 128 layers % pp == 0
@@ -127,7 +128,7 @@ def test_group_sizes_fit_the_model_and_the_node(world, tp, pp):
     (1e3, False, 256),       # never below 256
 ])
 def test_cpu_peak_gemm_size_follows_the_measured_rate(rate_flops, quick, n):
-    from microbench.campaign import auto_peak_size
+    from microbench.harness.scale import auto_peak_size
     assert auto_peak_size(rate_flops=rate_flops, quick=quick) == n
 
 

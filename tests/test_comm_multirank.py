@@ -5,8 +5,8 @@ the sequence-parallel collectives' factors, the overlap summary, and the mpi4py 
 import pytest
 
 from analysis import load
-from microbench.config import tiny, with_layout
-from microbench.workload import workload
+from microbench.model.config import tiny, with_layout
+from microbench.model.workload import workload
 from tests.launch import have_mpi, run_local, run_mpi
 
 pytestmark = pytest.mark.multirank

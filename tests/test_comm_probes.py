@@ -6,13 +6,15 @@ import sys
 
 import pytest
 
-from microbench.collective import bus_factor, sp_elements, tp_activation_elements
-from microbench.config import preset, tiny, with_layout
+from microbench.harness.collective import sp_elements, tp_activation_elements
+from microbench.model.metrics import bus_factor
+from microbench.model.config import preset, tiny, with_layout
 from microbench.dp_allreduce import DpAllreduce
-from microbench.harness import Context
+from microbench.harness.contract import Context
 from microbench.overlap import Overlap
-from microbench.runtime import Grid, UsageError
-from microbench.workload import workload
+from microbench.model.grid import Grid
+from microbench.runtime.errors import UsageError
+from microbench.model.workload import workload
 from tests.launch import REPO, env
 
 # tiny by hand: layer = d·3d + d² + 3·d·f + 2d = 49152 + 16384 + 196608 + 256 = 262400;

@@ -7,10 +7,12 @@ import json
 import pytest
 
 from microbench.attention import AttentionCore, PATHS, attention_shapes, attention_work
-from microbench.compute import scale_dim, spec_peak
-from microbench.config import tiny, with_layout
+from microbench.harness.compute import scale_dim
+from microbench.model.devices import spec_peak
+from microbench.model.config import tiny, with_layout
 from microbench.gemm import Gemm, gemm_shapes, gemm_work
-from microbench.harness import layout_config, run_probe
+from microbench.harness.engine import run_probe
+from microbench.harness.modelargs import config_from_args
 from microbench.layer_ops import LayerOps, adamw_shape, adamw_work, memop_shapes, memop_work
 
 from tests.launch import have_mpi, run_local, run_mpi
@@ -22,7 +24,7 @@ def cli_cfg(*argv: str):
     it = iter(argv)
     for flag in it:
         setattr(ns, flag.lstrip("-"), next(it) if flag == "--model" else int(next(it)))
-    return layout_config(ns, world_size=None)
+    return config_from_args(ns, layout="world")
 
 
 ALCF = cli_cfg("--model", "alcf-1t", "--tp", "12")
@@ -253,7 +255,7 @@ def test_benchmark_json_loads(tmp_path):
 
 def test_benchmark_json_rejects_other_json(tmp_path):
     from analysis.load import load
-    from microbench.results import ResultsError
+    from microbench.runtime.results import ResultsError
     bad = tmp_path / "other.json"
     bad.write_text('{"rows": []}')
     with pytest.raises(ResultsError, match="other.json: not pytest-benchmark JSON"):
@@ -265,7 +267,7 @@ def test_compute_does_not_import_peak():
     import subprocess
     import sys
     from tests.launch import REPO, env
-    code = "import sys, microbench.compute, microbench.gemm, microbench.layer_ops; " \
+    code = "import sys, microbench.harness.compute, microbench.gemm, microbench.layer_ops; " \
            "print('microbench.peak' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], env=env(), cwd=REPO, capture_output=True,
                          text=True, timeout=60)

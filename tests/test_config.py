@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from microbench.config import (PRESETS, ModelConfig, ParallelConfig, TrainConfig, alcf_1t,
+from microbench.model.config import (PRESETS, ModelConfig, ParallelConfig, TrainConfig, alcf_1t,
                                alcf_1t_readme, preset, with_layout)
 
 

@@ -9,12 +9,13 @@ import sys
 
 import pytest
 
-from analysis.crosscheck import (BREAKDOWN, CrossCheckError, check_profile_matches, compare,
-                                 measured_from_log, measured_from_run, parse_layout)
-from analysis.profile import SpecProfile
-from full_model.logparse import format_iteration_line
-from microbench.config import tiny, with_layout
-from microbench.results import RunWriter
+from analysis.crosscheck import CrossCheckError, check_profile_matches, compare, measured_from_log, measured_from_run
+from analysis.crosscheck.probes import parse_layout
+from analysis.spec import SpecProfile
+from full_model.megatron.logparse import format_iteration_line
+from microbench.model.config import tiny, with_layout
+from microbench.model.vocabulary import BREAKDOWN_TIMERS
+from microbench.runtime.results import RunWriter
 from tests.launch import REPO, env
 
 SAMPLES_US = [100_000.0, 110_000.0, 90_000.0, 130_000.0]  # after warm-up; median 105 ms
@@ -58,7 +59,7 @@ def test_run_dir_arithmetic(tmp_path):
     pred = c.prediction.step_time_s
     assert c.error_pct == pytest.approx(100 * (pred - 0.105) / 0.105)
     groups = c.predicted_groups_s
-    assert set(groups) == set(BREAKDOWN)
+    assert set(groups) == set(BREAKDOWN_TIMERS)
     assert sum(groups.values()) == pytest.approx(pred)  # the groups partition the prediction
     assert groups["p2p_wait"] == pytest.approx(c.prediction.breakdown_s["pp_p2p"] + c.prediction.breakdown_s["bubble"])
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from analysis import load
-from microbench.results import MANIFEST, ROWS, read_run
-from tests.launch import REPO, env, have_mpi, kill_group, mpiexec, run_bounded, run_local, run_mpi
+from microbench.runtime.results import MANIFEST, ROWS, read_run
+from tests.launch import REPO, env, have_mpi, kill_group, mpiexec, pids_with, run_bounded, run_local, run_mpi
 
 pytestmark = pytest.mark.multirank
 SWEEP = ["-b", "1K", "-e", "1M", "-f", "2", "-n", "5", "-w", "1", "-d", "fp32", "--quiet"]
@@ -49,19 +49,6 @@ def finish(proc, timeout=90):
     finally:
         kill_group(proc)
     return proc.returncode, out, err
-
-
-def pids_with(marker: str) -> list[int]:
-    """Processes whose command line holds ``marker`` (a test's unique tmp path)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if marker.encode() in (d / "cmdline").read_bytes():
-                    found.append(int(d.name))
-            except OSError:
-                pass
-    return found
 
 
 def rank_pid(marker: str, rank: int, var: str) -> int:
@@ -123,7 +110,9 @@ def test_embedded_world_rank_killed(tmp_path, victim):
     before = wait_rows(out, 2, proc)
     os.kill(rank_pid(str(out), victim, "RANK"), signal.SIGKILL)
     code, _, err = finish(proc, timeout=120)
-    assert code != 0
+    # the survivor fails its case (exit 1) or is killed after its grace; a signal is no exit
+    # code of the world's, so the world's is the failed case's: 1
+    assert code == 1, err
     assert f"rank {victim} of the embedded 2-rank world ended with signal 9" in err
     man, rows = read_run(out)
     assert man["status"] == "failed"
@@ -147,20 +136,31 @@ def test_dead_rank_is_named_in_the_manifest(tmp_path):
 
 # --- mpiexec -------------------------------------------------------------------------------------
 
+def named_rank(failure: dict) -> int | None:
+    """The rank a failed run names: the watchdog's ``first_ended``, else a survivor's one dead rank."""
+    if "first_ended" in failure:
+        return failure["first_ended"]["rank"]
+    dead = failure.get("dead_ranks") or []
+    return dead[0] if len(dead) == 1 else None
+
+
 def closed_failed_naming(out: Path, victim: int) -> dict:
     """Under MPICH a rank that dies makes Hydra SIGKILL every other rank a fraction of a second
     later. A survivor that saw the failure first closes the run ``failed``; when Hydra's kill
-    wins, the host's watchdog (microbench/watchdog.py, outside Hydra's reach) closes it. Either
-    way the watchdog names the rank that ended first, and ``load`` carries it. Wait for the watchdog first: it
-    concludes a moment after the last rank is gone."""
+    wins, the host's watchdog (microbench/runtime/watchdog.py, outside Hydra's reach) closes it. Either
+    way the run names the rank: the watchdog as ``first_ended`` when that rank ended clearly first,
+    else (Hydra's kill within the watchdog's CLEAR_S of the death: seen once in CI with 4 ranks
+    on 2 cores) the survivor's ``dead_ranks`` alone. ``load`` carries it. Wait for the watchdog
+    first: it concludes a moment after the last rank is gone."""
     no_orphans(str(out))
     man = read_run(out)[0]
     assert man["status"] == "failed", man
-    assert man["failure"]["first_ended"]["rank"] == victim, man["failure"]
+    f = man["failure"]
+    assert named_rank(f) == victim, f
     assert victim in man["failure"].get("dead_ranks", [victim])  # what a survivor saw, if one did
     df = load(out)
     assert set(df["run_status"]) == {"failed"}
-    assert json.loads(df["run_failure"].iloc[0])["first_ended"]["rank"] == victim
+    assert json.loads(df["run_failure"].iloc[0]) == f  # load carries what the manifest says
     return man
 
 
@@ -177,10 +177,28 @@ def test_mpiexec_rank_dies_and_the_run_names_it(tmp_path, victim):
     res = run_mpi("microbench.allreduce", "-b", "1K", "-e", "16K", "-f", "4", "-n", "2", "-w", "0",
                   "-d", "fp32", "--timeout-s", "15", "--out", str(tmp_path / "r"), ranks=4,
                   timeout=180, MICROBENCH_FAULT=f"{victim}:1")
+    # mpiexec's own code is Hydra's choice (the dead rank's 17, or 9 for a rank it killed):
+    # not fixed by us, so only "not success" is asserted; the run names the rank
     assert res.returncode != 0
     closed_failed_naming(tmp_path / "r", victim)
     rows = read_run(tmp_path / "r")[1]
     assert rows[0]["status"] == "ok" and rows[0]["num_wrong"] == 0
+
+
+@needs_mpi
+def test_mpiexec_run_is_closed_when_mpiexec_returns(tmp_path):
+    """Issue 17: read at once after mpiexec returns, a run whose rank 1 died is already closed
+    ``failed`` naming it, 10 times in 10 (the watchdog holds the ranks' stderr until it has
+    closed the run, and Hydra returns at end-of-file); before, 6 reads in 6 said ``running``."""
+    for i in range(10):
+        out = tmp_path / f"r{i}"
+        res = run_mpi("microbench.allreduce", "-b", "1K", "-e", "1M", "-f", "2", "-n", "5", "-w", "1",
+                      "--timeout-s", "30", "--out", str(out), ranks=2, timeout=120, MICROBENCH_FAULT="1:3")
+        man = json.loads((out / MANIFEST).read_text())  # the file as it is, no reader's help
+        # mpiexec's own code is Hydra's choice (17, the dead rank's, or 9 for the rank it killed)
+        assert res.returncode in (17, 9) and man["status"] == "failed", (i, res.returncode, man["status"])
+        assert named_rank(man["failure"]) == 1, man["failure"]
+        assert json.loads(load(out)["run_failure"].iloc[0]) == man["failure"]
 
 
 @needs_mpi
@@ -189,7 +207,7 @@ def test_mpiexec_sigkill_of_a_rank_leaves_a_run_naming_it(tmp_path):
     proc, before = start_mpi_sweep(out, ranks=4)
     os.kill(rank_pid(str(out), 3, "PMI_RANK"), signal.SIGKILL)
     code, _, _ = finish(proc)
-    assert code != 0
+    assert code != 0  # Hydra's choice for a rank killed by a signal (not ours to fix)
     closed_failed_naming(out, 3)
     assert len(load(out)) >= 2
     earlier_rows_unchanged(out, before)

@@ -7,7 +7,7 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
 from analysis import load  # noqa: E402
-from microbench.results import read_run  # noqa: E402
+from microbench.runtime.results import read_run  # noqa: E402
 from tests.launch import run_local  # noqa: E402
 
 

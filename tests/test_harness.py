@@ -3,9 +3,11 @@ import sys
 
 import pytest
 
-from microbench.collective import bus_factor, count_wrong, pattern
-from microbench.harness import parse_size, stability_warning, summarize
-from microbench.runtime import UsageError
+from microbench.harness.collective import count_wrong, pattern
+from microbench.model.metrics import bus_factor
+from microbench.harness.options import parse_size
+from microbench.harness.timing import stability_warning, summarize
+from microbench.runtime.errors import UsageError
 from tests.launch import env, run_bounded
 
 

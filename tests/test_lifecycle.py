@@ -4,17 +4,17 @@ import errno
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
 
 from analysis import load
-from microbench import results
-from microbench.lifecycle import finish, outcome
-from microbench.results import MANIFEST, ROWS, ResultsError, RunWriter, close_unclosed, read_run
-from microbench.runtime import UsageError, detect_launcher
-from tests.launch import REPO, env, run_bounded
+from microbench.runtime import results
+from microbench.harness.lifecycle import finish, outcome
+from microbench.runtime.results import MANIFEST, ROWS, ResultsError, RunWriter, close_unclosed, read_run
+from microbench.runtime.errors import UsageError
+from microbench.runtime.launch import detect_launcher
+from tests.launch import env, run_bounded
 
 
 def write_run(path, rows, *, close=True):
@@ -251,3 +251,23 @@ def test_a_rank_that_never_comes_is_bounded_by_the_timeout(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 1 and len(lines) == 1, res.stderr
     assert f"127.0.0.1:{port}" in lines[0] and "did not complete within 4 s" in lines[0]
+
+
+def test_every_command_that_reads_runs_takes_allow_incomplete(tmp_path):
+    """Issue 17: the flag beside the variable, on report, predict, project and crosscheck."""
+    d = tmp_path / "gemm"
+    res = run_bounded([sys.executable, "-m", "microbench.gemm", "--model", "tiny", "-n", "2", "-w", "0",
+                       "--no-peak", "--ranks", "1", "--quiet", "--out", str(d)], env_=env(), timeout=120)
+    assert res.returncode == 0, res.stderr
+    man = json.loads((d / MANIFEST).read_text())
+    man["status"] = "running"  # as if every rank had died before closing it
+    (d / MANIFEST).write_text(json.dumps(man))
+    prof = ["--profile", str(d), "--system", "aurora", "--model", "tiny"]
+    commands = {"analysis.predict": prof, "analysis.project": [*prof, "--nodes", "1"],
+                "analysis.report": [str(d), "--out", str(tmp_path / "rep"), "--system", "aurora"]}
+    for module, argv in commands.items():
+        refused = run_bounded([sys.executable, "-m", module, *argv], env_=env(), timeout=120)
+        assert refused.returncode == 2 and "incomplete run" in refused.stderr, (module, refused.stderr)
+        allowed = run_bounded([sys.executable, "-m", module, *argv, "--allow-incomplete"], env_=env(),
+                              timeout=120)
+        assert allowed.returncode == 0, (module, allowed.stderr)

@@ -2,16 +2,18 @@
 real runs of the vendored framework where ``../shared/vendor`` and the ``megatron`` extra exist."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from full_model.logparse import format_iteration_line, parse_log
-from full_model.megatron_run import check_iterations
+from full_model.megatron.logparse import format_iteration_line, parse_log
+from full_model.megatron.run import check_iterations
 from tests.launch import REPO, SHARED, env
 
 VENDOR = SHARED / "vendor"
@@ -71,24 +73,50 @@ def test_lines_printed_by_every_rank_count_once():
     assert _check(lines + lines[2:], 4).num_iterations == 4
 
 
-def test_framework_term_is_one_delimited_component_that_scales_with_layers_and_microbatches():
-    from analysis.predict import FrameworkTerms, predict
-    from analysis.profile import load_profile
-    from microbench.config import preset, with_layout
-    prof = load_profile(system="dgx-h100")
-    fw = FrameworkTerms(per_layer_microbatch_s=1e-3, source="measured (test)")
-    small = with_layout(preset("tiny"), tp=1, pp=2, dp=1, global_batch=8)
-    big = with_layout(small, global_batch=16)  # twice the micro-batches
-    base = predict(small, prof)
-    with_fw = predict(small, prof, framework=fw)
-    assert "framework" not in base.breakdown_s
-    assert math.isclose(with_fw.step_time_s - base.step_time_s, with_fw.breakdown_s["framework"])
-    assert math.isclose(predict(big, prof, framework=fw).breakdown_s["framework"],
-                        2 * with_fw.breakdown_s["framework"])
+def test_a_hung_op_build_is_killed_with_its_compiler_and_its_lock_removed(tmp_path):
+    """A stand-in for DeepSpeed's JIT build: it takes the build lock and starts a child (the
+    compiler) that never ends. The timeout must end both and free the lock, or every later
+    run waits on it (CI of 2026-12-02: a killed run's compilers ran on for 40 min)."""
+    import os
+    import signal
+    from full_model.megatron.run import prebuild_cpu_ops
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    child = tmp_path / "child.pid"
+    build = ("import pathlib, subprocess, time; pathlib.Path(%r).touch(); "
+             "p = subprocess.Popen(['sleep', '300']); pathlib.Path(%r).write_text(str(p.pid)); time.sleep(300)"
+             % (str(lock), str(child)))
+    took = prebuild_cpu_ops(dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")), log_path=tmp_path / "b.log",
+                            timeout_s=3.0, cmd=[sys.executable, "-c", build])
+    assert 3.0 <= took < 60 and not lock.exists()
+    pid = int(child.read_text())
+    try:
+        os.kill(pid, 0)
+        alive = open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        alive = False
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive
+    assert f"its lock {lock} removed" in (tmp_path / "b.log").read_text()
+
+
+def test_a_lock_nobody_builds_under_is_removed_before_the_build(tmp_path):
+    """A lock left by a killed build (no process works in the build directory) would make the
+    build wait forever: it is removed first, and the log says so."""
+    import os
+    from full_model.megatron.run import prebuild_cpu_ops
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    wait_for_lock = ("import pathlib, time; l = pathlib.Path(%r)\nwhile l.exists(): time.sleep(0.1)" % str(lock))
+    took = prebuild_cpu_ops(dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")), log_path=tmp_path / "b.log",
+                            timeout_s=30.0, cmd=[sys.executable, "-c", wait_for_lock])
+    assert took < 30 and "removed a stale build lock" in (tmp_path / "b.log").read_text()
 
 
 def test_a_corrupted_or_missing_archive_is_refused(tmp_path):
-    from full_model.megatron_setup import ARCHIVES, SetupError, verify_archives
+    from full_model.megatron.setup import ARCHIVES, SetupError, verify_archives
     with pytest.raises(SetupError, match="no such archive"):
         verify_archives(tmp_path)
     for name in ARCHIVES:
@@ -99,7 +127,7 @@ def test_a_corrupted_or_missing_archive_is_refused(tmp_path):
 
 @pytest.mark.skipif(not VENDOR.is_dir(), reason="../shared/vendor absent")
 def test_the_vendored_archives_match_their_pins():
-    from full_model.megatron_setup import verify_archives
+    from full_model.megatron.setup import verify_archives
     assert set(verify_archives(VENDOR)) == {"Megatron-DeepSpeed", "ezpz"}
 
 
@@ -120,8 +148,48 @@ def _framework_missing() -> str | None:
             return f"{mod} not installed: pip install -e '.[megatron]' && python -m full_model.megatron install"
     return None
 
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this system")
+def test_only_this_runs_shared_memory_workspaces_are_removed():
+    """DeepSpeed's CPU op never unlinks its per-rank workspace: 300 runs left 20 GiB in
+    /dev/shm (RAM) on the 24 GiB development VM. Named by address and port, so a run removes
+    its own and leaves a concurrent run's alone."""
+    import os
+    from full_model.megatron.run import SHM_BUFFER, remove_shm_buffers
+    mine, other = {"MASTER_ADDR": "127.0.0.9", "MASTER_PORT": "1"}, {"MASTER_ADDR": "127.0.0.9", "MASTER_PORT": "2"}
+    files = [Path(SHM_BUFFER.format(uid=os.getuid(), addr=e["MASTER_ADDR"], port=e["MASTER_PORT"], rank=r))
+             for e in (mine, other) for r in (0, 1)]
+    try:
+        for f in files:
+            f.write_bytes(b"x")
+        assert remove_shm_buffers(mine, 2) == [str(f) for f in files[:2]]
+        assert [f.exists() for f in files] == [False, False, True, True]
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+
 
 needs_framework = pytest.mark.skipif(_framework_missing() is not None, reason=_framework_missing() or "")
+
+
+@needs_framework
+@pytest.mark.multirank
+@pytest.mark.timeout(240)
+def test_a_rank_that_fails_early_ends_the_job_instead_of_waiting_in_mpi_finalize(tmp_path):
+    """Under mpiexec a rank whose entry point raises must end the job: left to Python's exit,
+    mpi4py's MPI_Finalize waits for the other rank, which waits for it (the grid of 2026-12-02
+    lost 13 minutes to a rank-0 EADDRINUSE that way). The other rank here sleeps 600 s."""
+    from tests.launch import mpiexec
+    if mpiexec() is None:
+        pytest.skip("no mpiexec (the local extra)")
+    (tmp_path / "entry.py").write_text(
+        "import time\nfrom mpi4py import MPI\n"
+        "if MPI.COMM_WORLD.Get_rank() == 0:\n    raise RuntimeError('the rendezvous port is taken (test)')\n"
+        "time.sleep(600)\n")
+    res = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "full_model.megatron.rank", str(tmp_path),
+                          "entry.py"], env=env(), capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert res.returncode != 0
+    assert "the rendezvous port is taken (test)" in res.stderr
+    assert "full_model.megatron.rank: rank 0 failed; ending it now" in res.stderr
 TINY = ["--model", "tiny", "--layers", "2", "--hidden", "64", "--heads", "4", "--ffn", "256", "--seq", "64",
         "--vocab", "256", "--mbs", "2", "--gbs", "4", "--dtype", "fp32"]
 
@@ -131,39 +199,120 @@ TINY = ["--model", "tiny", "--layers", "2", "--hidden", "64", "--heads", "4", "-
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
 def test_real_framework_trains_without_skipping(tmp_path, layout):
-    out = tmp_path / "run"
+    """Also issue 17: ``--out`` relative to where the user stands (each rank starts inside the
+    checkout, so a path handed on as typed would point into it)."""
+    out, prof = tmp_path / "runs" / "mds", tmp_path / "prof"
     res = subprocess.run([sys.executable, "-m", "full_model.megatron", "run", *TINY, *layout, "--iters", "4",
-                          "--out", str(out), "--timeout-s", "800"], env=env(), capture_output=True, text=True,
-                         timeout=880, cwd=REPO)
+                          "--out", "runs/mds", "--timeout-s", "800"], env=env(MICROBENCH_MDS_PROFILE=str(prof)),
+                         capture_output=True, text=True, timeout=880, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["framework"]["commit"].startswith("39784a0f")
+    assert "sha256" in manifest["framework"]["commit_source"]  # the archive it came from, by checksum
     it = json.loads((out / "iterations.json").read_text())["iterations"]
     its = sorted({r["iteration"] for r in it})
     assert its == [1, 2, 3, 4]
     assert all(r["lm_loss"] is not None and math.isfinite(r["lm_loss"]) for r in it)
     assert all(not r["num_skipped_iterations"] for r in it)
+    # DeepSpeed's CPU allreduce workspaces (one per rank) are gone with the run, and said so
+    port = manifest["env"]["MASTER_PORT"]
+    assert len(manifest["removed_shm"]) == 2 and all(port in f for f in manifest["removed_shm"])
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    # the attention the cross-check prices (framework_fallback): the explicit path, not flash
+    import pandas as pd
+    ops = pd.read_csv(prof / "ops-rank0.csv")["name"]
+    assert ops.eq("aten::baddbmm").any() and ops.eq("aten::_softmax").any()
+    assert not ops.str.contains("scaled_dot_product|flash", case=False).any()
+    if layout[0] == "--tp":
+        _tp_reductions_as_the_workload_counts(prof)
+
+
+def _tp_reductions_as_the_workload_counts(prof):
+    """The opt-in diagnostics (full_model.megatron.profilehook): both ranks call the same TP
+    allreduces of the [mbs·s, d] activation (2·64·64 elements), as many per iteration as the
+    workload prices — 4 per layer and micro-batch (2 layers, 2 micro-batches) and, once per
+    micro-batch, the embedding's forward and the LM head input gradient's backward: 20."""
+    import pandas as pd
+    from microbench.model.config import preset, with_layout
+    from microbench.model.workload import Collective, workload
+    calls = [pd.read_csv(prof / f"collectives-rank{r}.csv") for r in (0, 1)]
+    act = [c[(c["op"] == "all_reduce") & (c["group_size"] == 2) & (c["elements"] == 2 * 64 * 64)] for c in calls]
+    per_it = [a.groupby("iteration").size() for a in act]
+    assert list(per_it[0].index) == [1, 2, 3, 4] and (per_it[0] == 20).all() and per_it[0].equals(per_it[1])
+    tiny = preset("tiny")
+    model = dataclasses.replace(tiny.model, num_layers=2, hidden=64, num_heads=4, num_kv_heads=4, ffn_hidden=256, seq_len=64,
+                                vocab_size=256, dtype="fp32")
+    cfg = with_layout(dataclasses.replace(tiny, model=model, parallel=dataclasses.replace(tiny.parallel, micro_batch=2)),
+                      tp=2, pp=1, dp=1, global_batch=4)
+    w = workload(cfg)
+    layer = sum(c.count for c in w.collectives if c.axis == "tp" and c.elements == 2 * 64 * 64)
+    ends = sum(c.count for c in (*w.first, *w.last) if isinstance(c, Collective) and c.axis == "tp")
+    assert cfg.parallel.num_microbatches * (cfg.layers_per_stage * layer + ends) == 20
+    assert all((prof / f"{f}-rank{r}.{e}").is_file() for r in (0, 1)
+               for f, e in (("iterations", "csv"), ("ops", "csv"), ("meta", "json")))
 
 
 @needs_framework
 @pytest.mark.multirank
 @pytest.mark.timeout(1500)
 def test_crosscheck_megatron_prints_the_table_and_json(tmp_path):
+    """With a relative ``--out`` from another directory (issue 17)."""
     res = subprocess.run([sys.executable, "-m", "analysis.crosscheck", "megatron", "--model", "tiny", "--layouts", "tp2",
-                          "--runs", "1", "--iters", "3", "--warmup", "1", "--no-reference", "--out", str(tmp_path),
+                          "--runs", "1", "--iters", "3", "--warmup", "1", "--no-reference", "--out", "xc",
                           "--system", "aurora", "--json", "--timeout-s", "600"], env=env(), capture_output=True, text=True, timeout=1450,
-                         cwd=REPO)
+                         cwd=tmp_path)
+    tmp_path = tmp_path / "xc"
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     assert any(ln.startswith("tp2 ") for ln in lines) and "Megatron ms" in res.stdout
     last = json.loads(lines[-1])
-    assert last["megatron_commit"].startswith("39784a0f")
+    assert last["megatron_commit"].startswith("39784a0f") and "sha256" in last["megatron_commit_source"]
     row = last["layouts"][0]
     assert row["layout"] == "tp2" and row["measured_min_s"] <= row["measured_s"] <= row["measured_max_s"]
     assert math.isclose(sum(row["components"].values()), row["predicted_s"], rel_tol=1e-9)
     assert "framework" in row["components"]
     # interleaved: the compute probes measured again next to the run, which is priced by them
     assert row["predicted_runs_s"] == [row["predicted_s"]]
-    assert (tmp_path / "run0-tp2" / "probes" / "gemm-tp2-w2" / "manifest.json").is_file()
+    assert (tmp_path / "run0-tp2" / "probes" / "gemm-tp2" / "manifest.json").is_file()
     # the framework probe's GEMMs measured at its narrowed shapes, not scaled down
     assert (tmp_path / "probes" / "gemm-narrow-tp2" / "manifest.json").is_file()
+
+
+@needs_framework
+@pytest.mark.multirank
+@pytest.mark.timeout(1500)
+def test_the_grid_runs_its_ci_configurations_end_to_end(tmp_path):
+    """The grid's two CI configurations (issue 20), each three probe/framework pairs, into the
+    CSV and its machine sidecar."""
+    import pandas as pd
+    csv = tmp_path / "grid.csv"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.crosscheck_megatron", "--grid",
+                          str(REPO / "benchmarks" / "megatron_grid.yaml"), "--ci", "--csv", str(csv),
+                          "--out", str(tmp_path / "runs"), "--timeout-s", "600"],
+                         env=env(), capture_output=True, text=True, timeout=1450, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    df = pd.read_csv(csv)
+    assert list(df["config"]) == ["small-tp2", "small-dp2"] and set(df["status"]) == {"ok"}
+    assert (df["pairs"] == 3).all()
+    assert ((df["error_lo_pct"] <= df["error_pct"]) & (df["error_pct"] <= df["error_hi_pct"])).all()
+    assert ((df["measured_min_ms"] <= df["measured_ms"]) & (df["measured_ms"] <= df["measured_max_ms"])).all()
+    comp = df[[c for c in df.columns if c.startswith("c_")]].sum(axis=1)
+    assert ((comp - df["predicted_ms"]).abs() <= 0.01 * df["predicted_ms"]).all()  # components add up
+    side = json.loads(csv.with_suffix(".machine.json").read_text())
+    assert side["machine"]["cores"] >= 1 and side["machine"]["torch"] and side["framework"]["commit"].startswith("39784a0f")
+    assert side["summary"]["configs"] == 2 and "| small-tp2 | tp2 |" in res.stdout
+    assert side["suite_commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                                  text=True).stdout.strip()
+    # --reuse over the same run directories measures nothing and prices them again: the same
+    # model gives the same CSV (and a configuration's dirs are found, not re-made)
+    runs_before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    again = tmp_path / "again.csv"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.crosscheck_megatron", "--grid",
+                          str(REPO / "benchmarks" / "megatron_grid.yaml"), "--ci", "--csv", str(again),
+                          "--out", str(tmp_path / "runs"), "--reuse", "--timeout-s", "30"],
+                         env=env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs_before
+    keep = [c for c in df.columns if c != "run_dirs"]
+    pd.testing.assert_frame_equal(pd.read_csv(again)[keep], df[keep])
+    assert json.loads(again.with_suffix(".machine.json").read_text())["reused_complete_runs"] is True

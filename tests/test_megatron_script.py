@@ -8,8 +8,9 @@ import subprocess
 
 import pytest
 
-from full_model.jobscript import cpu_bind_list
-from full_model.megatron import JobOptions, layout_for, main, render_job_script
+from full_model.megatron.jobscript import cpu_bind_list
+from full_model.megatron.__main__ import main
+from full_model.megatron.jobscript import JobOptions, layout_for, render_job_script
 
 PUBLISHED_12_RANK_BIND = ("list:1-8:9-16:17-24:25-32:33-40:41-48:"
                           "53-60:61-68:69-76:77-84:85-92:93-100")
@@ -161,6 +162,15 @@ def test_rotary_replaces_the_learned_position_embedding(capsys):
     assert "--use-rotary-position-embeddings" in text and "--no-position-embedding" in text
 
 
-def test_the_campaign_accepts_the_flags_the_script_passes():
-    from microbench.campaign import parser
-    parser().parse_args(["--model", "alcf-1t", "--out", "x"])  # exits 2 if the flags drift
+def test_the_campaign_accepts_the_flags_the_script_passes(capsys):
+    """The campaign line of a --with-probes script, as bash would split it, read by the
+    campaign's own parser (argparse exits 2 if the flags drift) and checked by its validation."""
+    import shlex
+    from microbench.harness.campaign import parser, validate
+    text = script(capsys, "--model", "gpt3-175b", "--nodes", "128", "--ranks-per-node", "8", "--with-probes")
+    line = next(ln for ln in text.splitlines() if "python -m microbench" in ln)
+    words = shlex.split(line.removesuffix("\\"))
+    assert words[:3] == ["python", "-m", "microbench"]
+    args = parser().parse_args(words[3:])
+    validate(args)
+    assert (args.model, args.out, args.system) == ("gpt3-175b", "$RUNDIR/probes", "aurora")

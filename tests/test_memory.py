@@ -1,4 +1,4 @@
-"""The per-GPU memory estimate (microbench.workload.memory_bytes) against published figures.
+"""The per-GPU memory estimate (microbench.model.memory.memory_bytes) against published figures.
 
 Sources:
 * Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"
@@ -17,9 +17,9 @@ import pytest
 
 from analysis.calibrate import read_cases
 from analysis.predict import predict
-from analysis.profile import SpecProfile
-from microbench.config import ModelConfig, ParallelConfig, TrainConfig
-from microbench.workload import memory_bytes
+from analysis.spec import SpecProfile
+from microbench.model.config import ModelConfig, ParallelConfig, TrainConfig
+from microbench.model.memory import memory_bytes
 
 GIB = 2 ** 30
 VTRAIN = Path(__file__).resolve().parents[2] / "shared" / "validation" / "vtrain_ground_truth_multi.csv"
@@ -80,7 +80,7 @@ def test_every_vtrain_layout_fits_the_gpu_it_ran_on():
 def test_dropout_is_a_memory_pass_of_the_unfused_attention_only():
     """GPT-3-style dropout (Megatron's default 0.1) adds a pass over the b·a·s² probabilities
     that flash attention fuses away; Llama-style models (no dropout) have none."""
-    from microbench.workload import workload
+    from microbench.model.workload import workload
     cfg = _gpt("175B", recompute="full")
     names = {op.name: op for op in workload(cfg).memops}
     assert names["attention_dropout"].explicit_attention_only

@@ -5,39 +5,36 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import microbench.workload as wl
+import microbench.model.workload as wl
+import microbench.model.memory as mem
 from analysis import formulas
 from analysis.predict import COMPONENTS, main, predict, seed_model
-from analysis.profile import SpecProfile, SystemProfile
-from microbench.config import preset, with_layout
+from analysis.spec import SpecProfile
+from analysis.system import Priced, SystemProfile, WithHost
+from microbench.model.config import preset, with_layout
+from microbench.model.metrics import megatron_lm_flop, megatron_tflops
 
 
 class GemmOnly(SystemProfile):
-    """Every GEMM at exactly 1 TFLOP/s, everything else free: hand-computable."""
-    name, peak_tflops, ranks_per_node, device_memory_gib = "gemm-only", 1.0, 8, 1e6
-
-    def __init__(self, comm_s: float = 0.0, exposed: float = 1.0):
-        self.comm_s, self.exposed = comm_s, exposed
-
-    def gemm_time_s(self, gemm): return gemm.flop / 1e12
-    def attention_time_s(self, att): return 0.0
-    def memop_time_s(self, op): return 0.0
-    def bytes_time_s(self, nbytes, *, op="copy"): return 0.0
-    def collective_time_s(self, coll, *, crosses_nodes, num_groups=1, ranks_per_node_in_group=None):
-        return self.comm_s
-    def p2p_time_s(self, coll, *, crosses_nodes): return self.comm_s
-    def overlap(self, kind): return self.exposed if kind == "dp" else 1.0
-    attention_fused = True
-    def layer_overhead_time_s(self): return 0.0
-    def sources(self): return {"peak": self.SRC, "memory": self.SRC}
+    """Every GEMM at exactly 1 TFLOP/s, everything else free: hand-computable. ``host_s``: the
+    host's time per layer per micro-batch by phase; ``asynchronous``: how it composes."""
+    name, peak_tflops, ranks_per_node, device_memory_gib, nodes = "gemm-only", 1.0, 8, 1e6, None
     SRC = "specified (test: GemmOnly)"
-    def gemm_source(self, gemm): return self.SRC
-    def attention_source(self, att): return self.SRC
-    def bytes_source(self, *, op="copy", nbytes=None): return self.SRC
-    def collective_source(self, coll, *, crosses_nodes, num_groups=1, ranks_per_node_in_group=None): return self.SRC
-    def p2p_source(self, *, crosses_nodes, coll=None): return self.SRC
-    def overlap_source(self, kind): return self.SRC
-    def layer_overhead_source(self): return self.SRC
+    attention_fused = True
+
+    def __init__(self, comm_s: float = 0.0, exposed: float = 1.0, host_s: dict | None = None,
+                 asynchronous: bool = True):
+        self.comm_s, self.exposed, self.host_s, self.asynchronous = comm_s, exposed, host_s or {}, asynchronous
+
+    def gemm(self, gemm): return Priced(gemm.flop / 1e12, self.SRC)
+    def attention(self, att): return Priced(0.0, self.SRC)
+    def memop(self, op): return Priced(0.0, self.SRC)
+    def collective(self, coll, placement): return Priced(self.comm_s, self.SRC)
+    def p2p(self, coll, placement): return Priced(self.comm_s, self.SRC)
+    def host(self, h): return Priced(self.host_s.get(h.phase, 0.0), self.SRC)
+    def tp_sync(self, op): return Priced(0.0, self.SRC)
+    def overlap(self, kind): return Priced(self.exposed if kind == "dp" else 1.0, self.SRC)
+    def sources(self): return {"peak": self.SRC, "memory": self.SRC}
 
 
 def test_one_stage_no_comm_is_microbatches_times_gemm_time():
@@ -76,8 +73,8 @@ def test_megatron_tflops_known_config():
     cfg = preset("gpt3-175b")  # 4h MLP, no GQA: equals Narayanan et al. eq. 3 with factor 3
     B, s, L, h, V = 1536, 2048, 96, 12288, 51200
     narayanan = 72 * B * s * L * h * h * (1 + s / (6 * h) + V / (12 * L * h))
-    assert formulas.megatron_flop(cfg) == pytest.approx(narayanan, rel=1e-12)
-    assert formulas.megatron_tflops(cfg, 10.0) == pytest.approx(narayanan / 10 / 1e12 / 1024, rel=1e-12)
+    assert megatron_lm_flop(cfg) == pytest.approx(narayanan, rel=1e-12)
+    assert megatron_tflops(cfg, 10.0) == pytest.approx(narayanan / 10 / 1e12 / 1024, rel=1e-12)
 
 
 def test_seed_model_formula():
@@ -152,7 +149,7 @@ def test_shapes_come_only_from_the_workload(monkeypatch):
     changed = predict(cfg, GemmOnly()).step_time_s
     layer_gemm = 4 * sum(g.flop for g in real(cfg).gemms) * 4 / 1e12  # m 4, L 4
     assert changed == pytest.approx(base + layer_gemm)
-    monkeypatch.setattr(wl, "memory_bytes", lambda c, **kw: {"weights": 2 ** 40, "gradients": 0,
+    monkeypatch.setattr(mem, "memory_bytes", lambda c, **kw: {"weights": 2 ** 40, "gradients": 0,
                                                               "optimizer": 0, "activations": 0})
     pr = predict(cfg, GemmOnly())
     assert pr.memory_gib_per_device["weights"] == 1024.0
@@ -191,7 +188,7 @@ def test_cli_explicit_dims(capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--model", "nope", "--system", "aurora"], "unknown model preset 'nope'; known: alcf-1t"),
+    (["--model", "nope", "--system", "aurora"], "--model 'nope': unknown preset; known: alcf-1t"),
     (["--model", "tiny", "--system", "nope"], "unknown system 'nope'; shipped: aurora"),
     (["--model", "alcf-1t", "--system", "aurora", "--tp", "5"], "num_heads(192) % tp(5)"),
     (["--hidden", "128", "--system", "aurora"], "--layers"),
@@ -205,26 +202,88 @@ def test_cli_errors_are_one_line(argv, msg, capsys):
 
 
 def test_zero2_reduces_gradients_every_micro_batch():
-    from analysis.profile import SpecProfile
-    from microbench.config import preset, with_layout
-    prof = SpecProfile.from_yaml("aurora")
     base = with_layout(preset("alcf-1t"), tp=12, pp=8, dp=8, global_batch=64)
-    z1 = predict(with_layout(base, zero_stage=1), prof, dp_overlap=False).breakdown_s["dp_sync"]
-    z2 = predict(with_layout(base, zero_stage=2), prof, dp_overlap=False).breakdown_s["dp_sync"]
-    m = base.parallel.num_microbatches
-    assert m > 1 and z2 > z1  # the reduce-scatter m times instead of once
+    assert base.parallel.num_microbatches == 8  # 64 / (mbs 1 × dp 8)
+    ms = 1e-3  # every collective 1 ms, nothing hidden (dp_overlap off)
+    z1 = predict(with_layout(base, zero_stage=1), GemmOnly(comm_s=ms), dp_overlap=False).breakdown_s["dp_sync"]
+    z2 = predict(with_layout(base, zero_stage=2), GemmOnly(comm_s=ms), dp_overlap=False).breakdown_s["dp_sync"]
+    assert z1 == pytest.approx(2 * ms, rel=1e-12)  # ZeRO-1: the reduce-scatter once, then the allgather
+    assert z2 == pytest.approx(9 * ms, rel=1e-12)  # ZeRO-2: the reduce-scatter in each of 8 micro-batches
 
 
-def test_a_measured_framework_term_replaces_the_profiles_per_layer_overhead():
-    """The A100 profile carries a fitted per-layer overhead; a measured framework term is the
-    same time measured, so the two are never added."""
-    from analysis.predict import FrameworkTerms
-    cfg = with_layout(preset("tiny"), pp=2, global_batch=8)
-    prof = SpecProfile.from_yaml("dgx-a100-80gb")
-    term = FrameworkTerms(per_layer_microbatch_s=1e-3, source="measured (test)")
-    base = predict(cfg, prof)
-    fw = predict(cfg, prof, framework=term)
-    assert base.breakdown_s["overhead"] > 0
-    assert fw.breakdown_s["overhead"] == 0 and fw.breakdown_s["framework"] > 0
-    none = prof.with_knobs({"efficiency.layer_overhead_us": 0.0})
-    assert fw.step_time_s == pytest.approx(predict(cfg, none, framework=term).step_time_s, rel=1e-12)
+# tiny (L 4, d 128, f 512 gated, s 128, mbs 2 → T 256, V 512; gbs 8 → m 4) on one stage at
+# 1 TFLOP/s: per layer, forward 2·T·(3d² + d² + 2df + fd) FLOP, backward twice that; the LM
+# head 2·T·d·V forward, twice that backward.
+LAYER_FWD_S = 2 * 256 * (3 * 128 * 128 + 128 * 128 + 2 * 128 * 512 + 512 * 128) / 1e12
+HEAD_FWD_S = 2 * 256 * 128 * 512 / 1e12
+
+
+def test_a_host_bound_layer_costs_its_host_time_on_an_asynchronous_device():
+    """Host 1 ms (fwd) and 2 ms (bwd) per layer, kernels of 134 µs and 268 µs: the device idles,
+    a micro-batch costs the host's 4 × (1 + 2) ms, and the host time the device does not hide is
+    the framework component."""
+    assert LAYER_FWD_S == pytest.approx(134.217728e-6, rel=1e-12)
+    pr = predict(preset("tiny"), GemmOnly(host_s={"fwd": 1e-3, "bwd": 2e-3}))
+    assert pr.step_time_s == pytest.approx(4 * 4 * (1e-3 + 2e-3), rel=1e-12)
+    device = 4 * (4 * 3 * LAYER_FWD_S + 3 * HEAD_FWD_S)
+    assert pr.breakdown_s["framework"] == pytest.approx(4 * 4 * 3e-3 - device, rel=1e-12)
+    assert pr.phases["fwd"]["bound"] == "host" and pr.phases["bwd"]["bound"] == "host"
+    assert pr.phases["fwd"]["host_s"] == pytest.approx(4e-3) and pr.phases["bwd"]["device_s"] == pytest.approx(
+        4 * 2 * LAYER_FWD_S + 2 * HEAD_FWD_S)
+
+
+def test_a_device_bound_layer_hides_its_host_time():
+    """Host 10 µs per layer and phase, kernels of 134 µs and more: the step is the device's."""
+    pr = predict(preset("tiny"), GemmOnly(host_s={"fwd": 10e-6, "bwd": 10e-6}))
+    assert pr.step_time_s == pytest.approx(4 * (4 * 3 * LAYER_FWD_S + 3 * HEAD_FWD_S), rel=1e-12)
+    assert pr.breakdown_s["framework"] == 0.0 and pr.phases["bwd"]["bound"] == "device"
+
+
+def test_on_a_synchronous_device_host_and_device_add():
+    pr = predict(preset("tiny"), GemmOnly(host_s={"fwd": 10e-6, "bwd": 10e-6}, asynchronous=False))
+    assert pr.step_time_s == pytest.approx(4 * (4 * 3 * LAYER_FWD_S + 3 * HEAD_FWD_S) + 4 * 4 * 20e-6, rel=1e-12)
+    assert pr.breakdown_s["framework"] == pytest.approx(4 * 4 * 20e-6, rel=1e-12)
+
+
+def test_a_host_term_measured_apart_replaces_the_profiles():
+    """The Megatron cross-check's narrowed run measures the framework's host time: it replaces
+    the profile's, it is never added to it."""
+    cfg = with_layout(preset("tiny"), pp=2, global_batch=8)  # 2 layers a stage, 4 micro-batches
+    base = GemmOnly(host_s={"fwd": 5e-3, "bwd": 5e-3}, asynchronous=False)
+    pr = predict(cfg, WithHost(base, {"fwd": 1e-3, "bwd": 1e-3}, "measured (test)"))
+    assert pr.breakdown_s["framework"] == pytest.approx(4 * 2 * 2e-3, rel=1e-12)
+    assert pr.sources["framework"] == "measured (test)"
+
+
+def test_the_cross_checks_host_term_is_one_component_that_scales_with_layers_and_microbatches():
+    """The narrowed run's host time (``HostTerm``, per layer per micro-batch) is the whole
+    ``framework`` component on a synchronous device, and doubling the micro-batches doubles it."""
+    from analysis.crosscheck.megatron import HostTerm
+    term = HostTerm(per_layer_microbatch_s=1e-3, source="measured (test)")
+    base = GemmOnly(host_s={"fwd": 5e-3, "bwd": 5e-3}, asynchronous=False)
+    small = with_layout(preset("tiny"), pp=2, global_batch=8)  # 2 layers a stage, 4 micro-batches
+    big = with_layout(small, global_batch=16)                   # 8 micro-batches
+    pr_small, pr_big = predict(small, term.profile(base, small)), predict(big, term.profile(base, big))
+    assert pr_small.breakdown_s["framework"] == pytest.approx(2 * 4 * 1e-3, rel=1e-12)
+    assert pr_big.breakdown_s["framework"] == pytest.approx(2 * pr_small.breakdown_s["framework"], rel=1e-12)
+    assert term.step_s(small) == pytest.approx(pr_small.breakdown_s["framework"], rel=1e-12)
+
+
+def test_the_megatron_cross_check_prices_the_attention_path_the_framework_runs():
+    """Megatron-DeepSpeed runs flash attention only under a --use-flash-attn* flag, and the
+    cross-check's runs pass none: it prices the explicit path (scores through memory, their
+    softmax) whatever the spec says, and the source of every priced attention says why.
+    (aurora.yaml says flash: priced so, the grid's seq-1024 configuration was 28 % short.)"""
+    from analysis.crosscheck.megatron import FRAMEWORK_ATTENTION, framework_fallback
+    from full_model.megatron.jobscript import JobOptions, megatron_args
+    spec, fw = SpecProfile.from_yaml("aurora"), framework_fallback("aurora")
+    assert spec.attention_fused and not fw.attention_fused
+    cfg = with_layout(preset("mds-cpu"), dp=2, global_batch=preset("mds-cpu").parallel.global_batch)
+    assert not [a for a in map(str, megatron_args(cfg, opts=JobOptions(nodes=1, ranks_per_node=2)))
+                if a.startswith("--use-flash-attn")]
+    flash, explicit = predict(cfg, spec), predict(cfg, fw)
+    assert FRAMEWORK_ATTENTION in explicit.sources["attention"]
+    assert FRAMEWORK_ATTENTION not in flash.sources["attention"]
+    # the explicit path's softmax over the scores is priced; the flash path has none
+    assert explicit.breakdown_s["memops"] > flash.breakdown_s["memops"]
+    assert explicit.breakdown_s["attention"] > flash.breakdown_s["attention"]

@@ -5,10 +5,13 @@ import pandas as pd
 import pytest
 
 from analysis.predict import predict
-from analysis.profile import MeasuredProfile, SpecProfile, group_placement, load_profile, shipped_systems
-from microbench.config import preset, with_layout
-from microbench.results import RunWriter
-from microbench.workload import Collective, Gemm, workload
+from analysis.measured import MeasuredProfile, load_profile
+from analysis.placement import Placement, group_placement
+from analysis.spec import SpecProfile
+from microbench.model.systems import shipped_systems
+from microbench.model.config import preset, with_layout
+from microbench.runtime.results import RunWriter
+from microbench.model.workload import Collective, Gemm, workload
 
 
 def test_shipped_systems_load():
@@ -32,7 +35,7 @@ def test_gemm_efficiency_quantization():
     ragged = Gemm("x", "fwd", 8192, 8192 + 1, 8192)     # one extra column costs a tile row
     small_k = Gemm("x", "fwd", 8192, 8192, 16)
     assert p.gemm_efficiency(ragged) < p.gemm_efficiency(big) <= p.gemm_max
-    assert p.gemm_time_s(small_k) >= small_k.bytes / (p.mem_bw_gbps * 1e9)  # memory bound
+    assert p.gemm(small_k).seconds >= small_k.bytes / (p.mem_bw_gbps * 1e9)  # memory bound
 
 
 def test_placement_megatron_order():
@@ -48,9 +51,15 @@ def test_placement_megatron_order():
 def test_hierarchical_collective_slower_across_nodes():
     p = SpecProfile.from_yaml("dgx-h100")
     c = Collective("x", "allreduce", "dp", 1 << 28, "bf16", 1, "step", 16)
-    intra = p.collective_time_s(c, crosses_nodes=False)
-    inter = p.collective_time_s(c, crosses_nodes=True, num_groups=8, ranks_per_node_in_group=1)
-    assert inter > intra > 0
+    intra = p.collective(c, Placement(False, 8, 1, 1)).seconds
+    inter = p.collective(c, Placement(True, 1, 16, 8)).seconds
+    # By hand from dgx-h100.yaml: S = 2^28 bf16 = 536,870,912 B; allreduce bus factor
+    # 2(n−1)/n = 1.875 for n = 16. Inside a node: a ring, 6.6 µs + 0.6 µs × 2(n − 1) = 24.6 µs,
+    # + 1.875·S / (450 GB/s × 0.80).
+    assert intra == pytest.approx(24.6e-6 + 1_006_632_960 / 360e9, rel=1e-12)  # 2.821 ms
+    # Across 16 nodes, one rank of the group per node, 8 groups at once: each rank has 1/8 of
+    # the node's 8 NICs × 50 GB/s × 0.85 = 42.5 GB/s, and a tree, 6.8 µs + 5 µs × 2·log2 16.
+    assert inter == pytest.approx(1_006_632_960 / 42.5e9 + 46.8e-6, rel=1e-12)  # 23.73 ms
 
 
 def _rows(cfg, scale=2.0):
@@ -60,7 +69,7 @@ def _rows(cfg, scale=2.0):
     rows = []
     for g in w.gemms + w.head_gemms:
         rows.append(dict(kind="gemm", op=g.name, phase=g.phase, m=g.m, n=g.n, k=g.k, batch=g.batch,
-                         dtype=g.dtype, time_us=scale * spec.gemm_time_s(g) * 1e6, status="ok"))
+                         dtype=g.dtype, time_us=scale * spec.gemm(g).seconds * 1e6, status="ok"))
     rows.append(dict(kind="gemm", op="qkv", phase="fwd", m=1, n=1, k=1, batch=1, dtype=cfg.model.dtype,
                      time_us=1e9, status="failed"))  # a failed row: refused unless left out on request
     for size in (1 << 20, 1 << 24, 1 << 28):
@@ -86,15 +95,19 @@ def test_measured_overrides_spec_and_records_sources():
     assert src["p2p.inter"].startswith("specified (analysis/systems/dgx-a100-80gb.yaml: network.inter")
     g = workload(cfg).gemms[0]
     spec = SpecProfile.from_yaml("dgx-a100-80gb")
-    assert prof.gemm_time_s(g) == pytest.approx(2 * spec.gemm_time_s(g))
+    assert prof.gemm(g).seconds == pytest.approx(2 * spec.gemm(g).seconds)
     # an unmeasured shape is interpolated: spec shape dependence × the measured correction
     other = dataclasses.replace(g, m=g.m * 2)
-    assert prof.gemm_time_s(other) == pytest.approx(2 * spec.gemm_time_s(other), rel=0.05)
+    assert prof.gemm(other).seconds == pytest.approx(2 * spec.gemm(other).seconds, rel=0.05)
     c = workload(cfg).collectives[0]
-    assert prof.collective_time_s(c, crosses_nodes=False) == pytest.approx((10 + c.bytes / 50e3) * 1e-6, rel=1e-6)
-    assert prof.overlap("dp") == 0.25
-    slow = predict(cfg, prof).step_time_s
-    assert slow > predict(cfg, spec).step_time_s
+    assert prof.collective(c, Placement(False, 2, 1, 1)).seconds == pytest.approx((10 + c.bytes / 50e3) * 1e-6, rel=1e-6)
+    assert prof.overlap("dp").seconds == 0.25
+    slow, fast = predict(cfg, prof), predict(cfg, spec)
+    # every GEMM of the step measured at twice its spec time: the GEMM component doubles exactly;
+    # attention, which no row measures, stays the spec's
+    assert slow.breakdown_s["gemm"] == pytest.approx(2 * fast.breakdown_s["gemm"], rel=1e-12)
+    assert slow.breakdown_s["attention"] == fast.breakdown_s["attention"]
+    assert slow.step_time_s > fast.step_time_s
 
 
 def test_profile_from_run_dir_uses_same_code_path(tmp_path, capsys):
@@ -142,32 +155,53 @@ def test_explicit_attention_pays_for_its_score_traffic():
     """Unfused attention writes the s×s scores (Q·Kᵀ) and reads them back (P·V); with a short
     head the traffic, not the arithmetic, sets the time, so a slower memory makes it slower
     and it is never cheaper than moving those bytes once each way."""
-    from microbench.workload import Attention
+    from microbench.model.workload import Attention
     p = SpecProfile.from_yaml("dgx-a100-80gb")
     att = Attention("fwd", batch=2, heads=16, kv_heads=16, seq=2048, head_dim=64, dtype="fp16")
     score_bytes = att.batch * att.heads * att.seq * att.seq * 2
     slow = p.with_knobs({"efficiency.memop": 0.25})
-    assert slow.attention_time_s(att) >= 2 * score_bytes / (slow.mem_bw_gbps * 1e9 * 0.25)
-    assert slow.attention_time_s(att) > p.attention_time_s(att)
+    assert slow.attention(att).seconds >= 2 * score_bytes / (slow.mem_bw_gbps * 1e9 * 0.25)
+    assert slow.attention(att).seconds > p.attention(att).seconds
     bwd = dataclasses.replace(att, phase="bwd")
-    assert p.attention_time_s(bwd) > p.attention_time_s(att)  # four GEMMs, one of them writing dP
+    assert p.attention(bwd).seconds > p.attention(att).seconds  # four GEMMs, one of them writing dP
 
 
 def test_attention_is_priced_on_the_path_the_framework_takes():
     df, fwd = _attention_rows(1e-3, 4e-3)
     spec = SpecProfile.from_yaml("aurora")
     assert spec.attention_fused  # the Aurora spec runs fused attention
-    assert MeasuredProfile.from_rows(df, fallback=spec).attention_time_s(fwd) == pytest.approx(1e-3)
+    assert MeasuredProfile.from_rows(df, fallback=spec).attention(fwd).seconds == pytest.approx(1e-3)
     unfused = spec.with_knobs({"efficiency.attention_fused": False})
     assert not unfused.attention_fused
-    assert MeasuredProfile.from_rows(df, fallback=unfused).attention_time_s(fwd) == pytest.approx(4e-3)
+    assert MeasuredProfile.from_rows(df, fallback=unfused).attention(fwd).seconds == pytest.approx(4e-3)
+
+
+def test_the_softmax_timed_inside_the_explicit_attention_probe_is_not_priced_again():
+    """The explicit path's timed call holds the scores' mask and softmax (``attend``), so the
+    workload's separate softmax is 0 where that path was measured in the phase, and says
+    why; where it was not (only fused rows, or only a forward row for the backward), the
+    softmax keeps its own measured price."""
+    from microbench.model.workload import MemOp
+    df, fwd = _attention_rows(1e-3, 4e-3)
+    softmax = [dict(kind="memop", op="softmax", phase="fwd", bytes_moved=b, time_us=2 + b / 1e4, status="ok")
+               for b in (1 << 16, 1 << 20)]
+    rows = pd.concat([df, pd.DataFrame(softmax)], ignore_index=True)
+    unfused = SpecProfile.from_yaml("aurora").with_knobs({"efficiency.attention_fused": False})
+    op = MemOp("softmax", "fwd", 1 << 17, 1 << 20, "fp32", 1, True)
+    inside = MeasuredProfile.from_rows(rows, fallback=unfused)
+    for phase in ("fwd", "recompute"):
+        priced = inside.memop(dataclasses.replace(op, phase=phase))
+        assert priced.seconds == 0.0 and "explicit attention probe" in priced.source
+    assert inside.memop(dataclasses.replace(op, phase="bwd")).seconds > 0  # no backward row measured
+    only_fused = MeasuredProfile.from_rows(rows[rows["path"] != "explicit"], fallback=unfused)
+    assert only_fused.memop(op).seconds == pytest.approx((2 + (1 << 20) / 1e4) * 1e-6, rel=1e-6)
 
 
 def test_a_tp_overlap_figure_does_not_hide_blocking_allreduces():
     df = pd.DataFrame([{"kind": "overlap", "op": "overlap", "axis": "tp", "status": "ok",
                         "time_us": 1.0, "extra": {"exposed_fraction": 0.1}}])
     prof = MeasuredProfile.from_rows(df, fallback="aurora")
-    assert prof.overlap("tp") == 1.0 == prof.fallback.knob("overlap.tp")
+    assert prof.overlap("tp").seconds == 1.0 == prof.fallback.spec["overlap"]["tp"]
     assert prof.sources()["overlap.tp"] == "specified (analysis/systems/aurora.yaml: overlap.tp)"
 
 

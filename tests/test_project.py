@@ -2,9 +2,9 @@
 import json
 
 from analysis.predict import predict
-from analysis.profile import SpecProfile
+from analysis.spec import SpecProfile
 from analysis.project import layouts, main, project, search
-from microbench.config import preset
+from microbench.model.config import preset
 
 
 def test_projection_grows_dp_and_fom():

@@ -18,11 +18,15 @@ import pytest  # noqa: E402
 
 from analysis import plots  # noqa: E402
 from analysis.predict import predict  # noqa: E402
-from analysis.profile import MeasuredProfile, SpecProfile  # noqa: E402
-from analysis.provenance import word_of  # noqa: E402
-from microbench.config import preset, with_layout  # noqa: E402
-from microbench.results import RunWriter  # noqa: E402
-from microbench.workload import Collective, Gemm, workload  # noqa: E402
+from analysis.measured import MeasuredProfile
+from analysis.placement import Placement
+from analysis.spec import SpecProfile
+from microbench.model.vocabulary import word_of  # noqa: E402
+from microbench.model.config import preset, with_layout  # noqa: E402
+from microbench.runtime.results import RunWriter  # noqa: E402
+from microbench.model.workload import Collective, Gemm, workload
+
+INTRA = Placement(False, 2, 1, 1)  # one group of two ranks inside a node
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [1 << k for k in range(12, 25, 2)]  # 4 KiB … 16 MiB
@@ -70,13 +74,13 @@ def test_a_tp12_allreduce_from_a_2_rank_fit_is_extrapolated_by_bus_factor():
     c = Collective("tp_allreduce", "allreduce", "tp", 1 << 20, "bf16", 1, "fwd", 12)
     # bus factor 2·11/12 for n = 12 over 2·1/2 for n = 2: the bandwidth term × 11/6
     want = 50e-6 + (1e-6 / 500) * c.bytes * 11 / 6
-    assert prof.collective_time_s(c, crosses_nodes=False) == pytest.approx(want, rel=1e-6)
-    src = prof.collective_source(c, crosses_nodes=False)
+    assert prof.collective(c, INTRA).seconds == pytest.approx(want, rel=1e-6)
+    src = prof.collective(c, INTRA).source
     assert src.startswith("extrapolated (allreduce group size 2 → 12 by bus factor")
     same = Collective("tp_allreduce", "allreduce", "tp", 1 << 20, "bf16", 1, "fwd", 2)
-    assert word_of(prof.collective_source(same, crosses_nodes=False)) == "measured"
+    assert word_of(prof.collective(same, INTRA).source) == "measured"
     bigger = Collective("tp_allreduce", "allreduce", "tp", 1 << 30, "bf16", 1, "fwd", 2)
-    assert prof.collective_source(bigger, crosses_nodes=False).startswith("extrapolated (α–β fit of allreduce n=2")
+    assert prof.collective(bigger, INTRA).source.startswith("extrapolated (α–β fit of allreduce n=2")
 
 
 def _gemm_rows(shapes, *, tflops: float, scale: float, peak_tflops: float):
@@ -95,9 +99,9 @@ def test_a_scaled_down_gemm_is_extrapolated_and_says_the_scale():
     df = _gemm_rows([(128, 1024, 1536), (128, 1536, 1024)], tflops=1e-3, scale=0.0625, peak_tflops=2e-3)
     prof = MeasuredProfile.from_rows(df, fallback="aurora")
     g = Gemm("fc1", "fwd", 2048, 16384, 24576)
-    src = prof.gemm_source(g)
+    src = prof.gemm(g).source
     assert src.startswith("extrapolated (2 nearest of 2 measured bf16 GEMM shapes (scale 1/16 → 1)")
-    assert word_of(prof.gemm_source(Gemm("fc1", "fwd", 128, 1024, 1536))) == "measured"
+    assert word_of(prof.gemm(Gemm("fc1", "fwd", 128, 1024, 1536)).source) == "measured"
 
 
 def test_the_gemm_ceiling_is_the_fastest_gemm_measured_not_a_slower_peak():
@@ -107,17 +111,17 @@ def test_the_gemm_ceiling_is_the_fastest_gemm_measured_not_a_slower_peak():
     df = _gemm_rows([(64, 64, 64), (64, 128, 64)], tflops=0.1, scale=1.0, peak_tflops=0.05)
     prof = MeasuredProfile.from_rows(df, fallback="aurora")
     g = Gemm("fc1", "fwd", 4096, 4096, 4096)
-    rate = g.flop / prof.gemm_time_s(g) / 1e12
+    rate = g.flop / prof.gemm(g).seconds / 1e12
     assert rate == pytest.approx(0.1, rel=1e-9)
-    assert "clamped to the fastest measured 0.1 TFLOP/s" in prof.gemm_source(g)
+    assert "clamped to the fastest measured 0.1 TFLOP/s" in prof.gemm(g).source
 
 
 def test_an_overlap_fraction_outside_0_1_is_clamped_and_says_so():
     df = pd.DataFrame([{"probe": "overlap", "case": "o", "kind": "overlap", "op": "overlap", "axis": "dp",
                         "time_us": 10.0, "status": "ok", "extra": {"exposed_fraction": 1.07}}])
     prof = MeasuredProfile.from_rows(df, fallback="aurora")
-    assert prof.overlap("dp") == 1.0
-    assert prof.overlap_source("dp") == ("measured (exposed fraction 1.07 clamped to 1: the probe's noise "
+    assert prof.overlap("dp").seconds == 1.0
+    assert prof.overlap("dp").source == ("measured (exposed fraction 1.07 clamped to 1: the probe's noise "
                                          "put it outside [0, 1])")
 
 
@@ -166,7 +170,7 @@ def test_seconds_by_provenance_add_up_to_the_step_and_name_each_part():
     spec = SpecProfile.from_yaml("aurora")
     rows = [{"probe": "gemm", "case": f"{g.name}-{g.phase}", "kind": "gemm", "op": g.name, "phase": g.phase,
              "m": g.m, "n": g.n, "k": g.k, "batch": g.batch, "dtype": g.dtype, "status": "ok",
-             "time_us": 1e6 * spec.gemm_time_s(g)} for g in w.gemms + w.head_gemms]
+             "time_us": 1e6 * spec.gemm(g).seconds} for g in w.gemms + w.head_gemms]
     pr = predict(cfg, MeasuredProfile.from_rows(pd.DataFrame(rows), fallback=spec))
     assert sum(pr.seconds_by_provenance.values()) == pytest.approx(pr.step_time_s, rel=1e-9)
     for comp, per in pr.provenance_s.items():

@@ -16,10 +16,10 @@ import pytest  # noqa: E402
 
 from analysis import load, plots  # noqa: E402
 from analysis.predict import predict  # noqa: E402
-from analysis.profile import SpecProfile  # noqa: E402
+from analysis.spec import SpecProfile
 from analysis.report import ReportError, build_report  # noqa: E402
-from microbench.config import preset  # noqa: E402
-from microbench.results import RunWriter  # noqa: E402
+from microbench.model.config import preset  # noqa: E402
+from microbench.runtime.results import RunWriter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from analysis import load
-from microbench.results import ROWS, SCHEMA_VERSION, ResultsError, RunWriter, read_run
+from microbench.runtime.results import ROWS, SCHEMA_VERSION, ResultsError, RunWriter, read_run
 
 
 def write_run(path, rows):

@@ -1,8 +1,10 @@
 """Launcher detection for every launcher, backend/device choice, rank grid (Megatron order)."""
 import pytest
 
-from microbench import runtime
-from microbench.runtime import Grid, LaunchInfo, UsageError, detect_launcher
+from microbench.runtime import launch, world
+from microbench.model.grid import Grid
+from microbench.runtime.launch import LaunchInfo, detect_launcher
+from microbench.runtime.errors import UsageError
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -45,9 +47,9 @@ def test_bad_rank_variable_is_a_usage_error():
 
 
 def test_pals_without_mpi4py_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(runtime, "_mpi_world", lambda: None)
+    monkeypatch.setattr(launch, "mpi_world", lambda **_: None)
     with pytest.raises(UsageError, match="no world size and mpi4py is not installed"):
-        runtime.resolve_world(LaunchInfo("pals", 0, None, 0, 12))
+        launch.resolve_world(LaunchInfo("pals", 0, None, 0, 12), timeout_s=10)
 
 
 def test_pals_world_size_comes_from_mpi(monkeypatch):
@@ -57,15 +59,15 @@ def test_pals_world_size_comes_from_mpi(monkeypatch):
 
         def Get_rank(self):
             return 13
-    monkeypatch.setattr(runtime, "_mpi_world", lambda: Comm())
-    info, comm = runtime.resolve_world(LaunchInfo("pals", 13, None, 1, 12))
+    monkeypatch.setattr(launch, "mpi_world", lambda **_: Comm())
+    info, comm = launch.resolve_world(LaunchInfo("pals", 13, None, 1, 12), timeout_s=10)
     assert info.world_size == 24 and info.rank == 13 and comm is not None
 
 
 def test_rendezvous_prefers_environment(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
-    assert runtime.rendezvous(LaunchInfo("mpich", 0, 2, 0), None) == ("10.0.0.1", 29500)
+    assert launch.rendezvous(LaunchInfo("mpich", 0, 2, 0), None) == ("10.0.0.1", 29500)
 
 
 def test_rendezvous_broadcasts_rank0_address_over_mpi(monkeypatch):
@@ -79,7 +81,7 @@ def test_rendezvous_broadcasts_rank0_address_over_mpi(monkeypatch):
         def bcast(self, obj, root):
             assert obj is None and root == 0  # rank 1 sends nothing, receives rank 0's
             return ("192.0.2.7", 41000)
-    assert runtime.rendezvous(LaunchInfo("mpich", 1, 2, 0), Comm()) == ("192.0.2.7", 41000)
+    assert launch.rendezvous(LaunchInfo("mpich", 1, 2, 0), Comm()) == ("192.0.2.7", 41000)
 
 
 @pytest.mark.parametrize("device, available, expected", [
@@ -88,13 +90,13 @@ def test_rendezvous_broadcasts_rank0_address_over_mpi(monkeypatch):
     ("xpu", {"xccl"}, "xccl"),
 ])
 def test_auto_backend_per_device(monkeypatch, device, available, expected):
-    monkeypatch.setattr(runtime, "_backend_available", lambda name: name in available)
-    assert runtime.choose_backend("auto", device) == expected
+    monkeypatch.setattr(world, "_backend_available", lambda name: name in available)
+    assert world.choose_backend("auto", device) == expected
 
 
 def test_xpu_without_xccl_falls_back_to_ccl_and_needs_the_bindings(monkeypatch):
     import builtins
-    monkeypatch.setattr(runtime, "_backend_available", lambda name: False)
+    monkeypatch.setattr(world, "_backend_available", lambda name: False)
     real_import = builtins.__import__
 
     def fake_import(name, *a, **k):
@@ -103,14 +105,14 @@ def test_xpu_without_xccl_falls_back_to_ccl_and_needs_the_bindings(monkeypatch):
         return real_import(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(UsageError, match="oneccl_bindings_for_pytorch"):
-        runtime.choose_backend("auto", "xpu")
+        world.choose_backend("auto", "xpu")
 
 
 def test_backend_device_mismatch_is_refused():
     with pytest.raises(UsageError, match="--backend nccl needs --device cuda"):
-        runtime.choose_backend("nccl", "cpu")
+        world.choose_backend("nccl", "cpu")
     with pytest.raises(UsageError, match="choose one of"):
-        runtime.choose_backend("hccl", "cpu")
+        world.choose_backend("hccl", "cpu")
 
 
 def test_cuda_request_without_gpu_is_a_usage_error():
@@ -118,7 +120,7 @@ def test_cuda_request_without_gpu_is_a_usage_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(UsageError, match="no cuda device"):
-        runtime.choose_device("cuda", 0)
+        world.choose_device("cuda", 0)
 
 
 def test_device_binding_by_local_rank(monkeypatch):
@@ -127,7 +129,7 @@ def test_device_binding_by_local_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(i))
-    dev, kind = runtime.choose_device("cuda", 6)
+    dev, kind = world.choose_device("cuda", 6)
     assert kind == "cuda" and dev.index == 2 and calls == [2]
 
 

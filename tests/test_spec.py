@@ -6,8 +6,9 @@ import yaml
 
 from analysis.errors import AnalysisError
 from analysis.predict import main as predict_main
-from analysis.spec import SYSTEMS_DIR, SpecProfile, shipped_systems
-from microbench.devices import devices
+from analysis.spec import SpecProfile
+from microbench.model.systems import SYSTEMS_DIR, shipped_systems
+from microbench.model.devices import devices
 
 AURORA = (SYSTEMS_DIR / "aurora.yaml").read_text()
 
@@ -28,7 +29,10 @@ def _variant(tmp_path: Path, old: str, new: str, name: str = "bad.yaml") -> Path
     ("gemm_tile: [256, 256]", "gemm_tile: [256, 0]", "efficiency.gemm_tile.1"),
     ("gemm_tile: [256, 256]", "gemm_tile: [256, 25.5]", "efficiency.gemm_tile.1"),
     ("ranks_per_node: 12", "ranks_per_node: '12'", "node.ranks_per_node: Input should be a valid integer"),
-    ("  latency_us: 30\n  inter:", "  latency_us: 0\n  inter:", "network.intra.latency_us"),
+    ("      base_us: 30.0\n      per_step_us: 0.0\n      law: ring", "      base_us: -1\n      per_step_us: 0.0\n      law: ring",
+     "network.intra.latency.base_us: Input should be greater than or equal to 0"),
+    ("      law: ring", "      law: butterfly", "network.intra.latency.law: Input should be 'ring' or 'tree'"),
+    ("  bwd_us: 1518.5", "  bwd_us: -5", "host.bwd_us: Input should be greater than or equal to 0"),
     ("  dp: 0.0", "  dp: 1.5", "overlap.dp"),
 ])
 def test_a_bad_value_is_refused_naming_file_line_and_key(tmp_path, capsys, old, new, key):
@@ -62,7 +66,7 @@ def test_unknown_device_names_the_table(tmp_path):
 
 
 def test_a_peak_is_stated_once():
-    """No system file restates a device figure: they all come from microbench/devices.yaml."""
+    """No system file restates a device figure: they all come from microbench/model/devices.yaml."""
     for name in shipped_systems():
         raw = yaml.safe_load((SYSTEMS_DIR / f"{name}.yaml").read_text())
         assert set(raw["device"]) == {"model", "dtype"}, name
@@ -85,7 +89,7 @@ def test_provenance_and_calibration_records_are_accepted_and_shown(tmp_path):
 def test_with_knobs_is_validated_and_knob_reads_back():
     p = SpecProfile.from_yaml("aurora")
     q = p.with_knobs({"efficiency.gemm_max": 0.5})
-    assert q.knob("efficiency.gemm_max") == 0.5 and p.knob("efficiency.gemm_max") == 0.72
+    assert q.gemm_max == 0.5 and p.gemm_max == 0.72
     with pytest.raises(AnalysisError, match="efficiency.gemm_max"):
         p.with_knobs({"efficiency.gemm_max": 0.0})
     with pytest.raises(AnalysisError, match="efficiency.gem_max: unknown key"):
@@ -95,5 +99,5 @@ def test_with_knobs_is_validated_and_knob_reads_back():
 def test_sources_name_file_and_key():
     s = SpecProfile.from_yaml("aurora").sources()
     assert s["p2p.inter"].startswith("specified (analysis/systems/aurora.yaml: network.inter.nic_gbps")
-    assert s["peak"] == "specified (microbench/devices.yaml: Max-1550-tile.peak_tflops.bf16)"
+    assert s["peak"] == "specified (microbench/model/devices.yaml: Max-1550-tile.peak_tflops.bf16)"
     assert all(v.startswith("specified (") for v in s.values())

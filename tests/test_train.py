@@ -66,7 +66,7 @@ def test_rows_and_megatron_lines(tmp_path):
     res = run_local("full_model.train", "--model", "tiny", "--pp", "2", "--steps", "3",
                     "--out", str(out), ranks=2, timeout=90)
     assert res.returncode == 0, res.stderr[-2000:]
-    from full_model.logparse import parse_log
+    from full_model.megatron.logparse import parse_log
     parsed = parse_log(res.stdout.splitlines())
     assert list(parsed.iterations["iteration"]) == [1, 2, 3]
     assert parsed.iterations["global_batch_size"].tolist() == [8, 8, 8]
@@ -105,8 +105,8 @@ def test_bad_layout_is_one_line_exit_2(flags, needle):
 
 
 def test_synthetic_batch_is_layout_free():
-    from full_model.train import synthetic_batch
-    from microbench.config import tiny, with_layout
+    from full_model.reference.step import synthetic_batch
+    from microbench.model.config import tiny, with_layout
     a = synthetic_batch(tiny(), seed=1, step=2)
     b = synthetic_batch(with_layout(tiny(), tp=2, pp=2), seed=1, step=2)
     assert a.shape == (8, 129) and bool((a == b).all())
@@ -115,6 +115,6 @@ def test_synthetic_batch_is_layout_free():
 
 def test_scale_keeps_head_dim_and_tp_divisibility():
     from full_model.train import scaled
-    from microbench.config import alcf_1t
+    from microbench.model.config import alcf_1t
     m = scaled(alcf_1t().model, 0.1, 12)
     assert m.head_dim == 128 and m.num_heads % 12 == 0 and m.ffn_hidden % 12 == 0

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from analysis import load
-from microbench.results import MANIFEST, RunWriter, read_run
-from microbench.watchdog import _watch_polling, conclude, first_to_end, watch
+from microbench.runtime.results import MANIFEST, RunWriter, read_run
+from microbench.runtime.watchdog import _watch_polling, conclude, first_to_end, watch
 
 
 def open_run(path):
@@ -98,7 +98,7 @@ def test_the_watchdog_process_closes_the_run_after_its_ranks_end(tmp_path):
     the run, the second killed first."""
     w = open_run(tmp_path / "r")
     a, b = sleeper(30), sleeper(30)
-    dog = subprocess.Popen([sys.executable, "-m", "microbench.watchdog", str(w.dir), "h1",
+    dog = subprocess.Popen([sys.executable, "-m", "microbench.runtime.watchdog", str(w.dir), "h1",
                             f"0:{a.pid}", f"1:{b.pid}"])
     try:
         time.sleep(0.5)
@@ -115,6 +115,61 @@ def test_the_watchdog_process_closes_the_run_after_its_ranks_end(tmp_path):
 
 
 def test_bad_arguments_are_a_usage_error():
-    res = subprocess.run([sys.executable, "-m", "microbench.watchdog", "/nonexistent", "h", "x:y"],
+    res = subprocess.run([sys.executable, "-m", "microbench.runtime.watchdog", "/nonexistent", "h", "x:y"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "usage:" in res.stderr
+
+
+def _ended_pid():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _mark(run_dir, watchdog_pid, rank_pids):
+    import socket
+
+    from microbench.runtime.watchdog import marker
+    marker(run_dir, socket.gethostname()).write_text(json.dumps(
+        {"pid": watchdog_pid, "host": socket.gethostname(), "ranks": dict(enumerate(rank_pids))}))
+
+
+def test_a_reader_waits_for_a_watchdog_closing_the_run(tmp_path):
+    """Issue 17, where a launcher returns before the watchdog has written: the ranks have ended,
+    their watchdog lives, so a reader waits for it (bounded) and says it did."""
+    import threading
+
+    from microbench.runtime.results import close_unclosed
+    w = open_run(tmp_path / "r")
+    dog = sleeper(30)
+    _mark(tmp_path / "r", dog.pid, [_ended_pid(), _ended_pid()])
+
+    def close_then_end():
+        time.sleep(0.4)
+        close_unclosed(tmp_path / "r", status="failed", failure={"rank": 1, "reason": "rank 1 died"})
+        dog.kill()
+        dog.wait()
+    t = threading.Thread(target=close_then_end)
+    t.start()
+    problems: list[str] = []
+    man, _ = read_run(tmp_path / "r", problems=problems)
+    t.join()
+    assert man["status"] == "failed" and man["failure"]["rank"] == 1
+    assert len(problems) == 1 and "waited" in problems[0] and "to close the run: closed" in problems[0]
+    w._rows.close()
+
+
+def test_a_reader_does_not_wait_for_a_live_run(tmp_path):
+    """Ranks still running: the run is in progress, not being closed; read at once as it is."""
+    w = open_run(tmp_path / "r")
+    dog, rank = sleeper(30), sleeper(30)
+    try:
+        _mark(tmp_path / "r", dog.pid, [rank.pid])
+        problems: list[str] = []
+        man, _ = read_run(tmp_path / "r", problems=problems)
+        assert man["status"] == "incomplete" and problems == []  # no wait, nothing to say
+    finally:
+        for p in (dog, rank):
+            p.kill()
+            p.wait()
+    w._rows.close()

@@ -1,8 +1,9 @@
 """Workload numbers for alcf-1t at TP 12, computed by hand from DESIGN.md."""
 import pytest
 
-from microbench.config import alcf_1t, tiny, with_layout
-from microbench.workload import memory_bytes, workload
+from microbench.model.config import alcf_1t, tiny, with_layout
+from microbench.model.memory import memory_bytes
+from microbench.model.workload import workload
 
 D, F, S, TP, V = 24576, 98304, 2048, 12, 32256
 
@@ -87,7 +88,33 @@ def test_layer_flops_match_the_textbook_count():
     w = workload(c)
     T, d, f, b, s = w.tokens, m.hidden, m.ffn_hidden, c.parallel.micro_batch, m.seq_len
     expected_fwd = 2 * T * d * (3 * d + d + 3 * f) + 4 * b * s * s * d
-    assert w.layer_flop(("fwd",)) == expected_fwd
+    fwd = sum(g.flop for g in w.gemms if g.phase == "fwd") + sum(a.flop for a in w.attention if a.phase == "fwd")
+    assert fwd == expected_fwd
+
+
+def test_the_workload_owns_every_multiplicity():
+    """Issue 19: the recompute's memory-bound ops, the ZeRO-2/3 counts, the stages' extras and
+    the host's phases are the workload's, not re-derived by the predictor."""
+    from microbench.model.workload import HostPath, step_phase
+    full = workload(with_layout(tiny(), recompute="full"))
+    assert {op.name for op in full.memops if op.phase == "recompute"} == \
+        {op.name for op in full.memops if op.phase == "fwd"}
+    assert [h.phase for h in full.host] == ["fwd", "recompute", "bwd"]
+    assert [h.phase for h in workload(with_layout(tiny(), recompute="none")).host] == ["fwd", "bwd"]
+    sel = workload(with_layout(tiny(), recompute="selective"))
+    assert {op.name for op in sel.memops if op.phase == "recompute"} == {"softmax"}  # the core's own
+    z = with_layout(tiny(), dp=2, zero_stage=2, global_batch=16)  # 4 micro-batches per replica
+    counts = {op.name: op.count for op in workload(z).step}
+    assert counts == {"dp_reduce_scatter": 4, "dp_allgather": 1, "adamw": 1}
+    z3 = {op.name: op.count for op in workload(with_layout(z, zero_stage=3)).step}
+    assert z3["dp_allgather"] == 8
+    tp2 = workload(with_layout(tiny(), tp=2))
+    assert [(op.name, op.phase, getattr(op, "count", 1)) for op in tp2.first] == [
+        ("embedding", "fwd", 1), ("embedding", "bwd", 2), ("embedding_tp_reduce", "fwd", 1),
+        ("embedding_tp_reduce_sync", "fwd", 1)]  # each TP reduction with its in-step cost (issue 20)
+    assert [(op.name, step_phase(op)) for op in tp2.last][-2:] == [("lm_head_tp_reduce", "bwd"),
+                                                                   ("lm_head_tp_reduce_sync", "bwd")]
+    assert isinstance(full.layer[-1], HostPath)
 
 
 def test_memory_fits_an_aurora_tile_for_the_1t_run():

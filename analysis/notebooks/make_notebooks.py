@@ -101,7 +101,7 @@ def collectives() -> list:
             "where it reaches half its asymptote is α/β (the *half-bandwidth point*): messages below "
             "it are latency-bound, which is why small TP allreduces cost more than their bytes suggest."),
         new_code_cell(
-            'for kind in [k for k in plots.COLLECTIVE_KINDS if k in set(c.get("kind", []))]:\n'
+            'for kind in [k for k in analysis.fits.COLLECTIVE_KINDS if k in set(c.get("kind", []))]:\n'
             '    display(plots.busbw_vs_size(df, kind))'),
         new_markdown_cell(
             "## Half-bandwidth points\n\n"
@@ -179,11 +179,12 @@ def gemms() -> list:
 
 PRED_SETUP = '''\
 from analysis.predict import predict, format_table
-from analysis.profile import MeasuredProfile, SpecProfile
+from analysis.measured import MeasuredProfile
+from analysis.spec import SpecProfile
 from analysis.project import project, default_nodes
-from analysis.report import config_from_manifest
-from microbench.config import preset
-from microbench.results import read_run
+from analysis.manifest import config_from_manifest
+from microbench.model.config import preset
+from microbench.runtime.results import read_run
 
 manifest, _ = read_run(sorted(set(df["run_dir"]))[0])
 SYSTEM = os.environ.get("MICROBENCH_SYSTEM") or manifest.get("system") or "aurora"
@@ -273,8 +274,8 @@ def crosscheck() -> list:
         new_markdown_cell("## The log\n\nParse a real log if one is given; otherwise write one (see above)."),
         new_code_cell(
             'import tempfile\n'
-            'from analysis.formulas import megatron_tflops\n'
-            'from full_model.megatron import parse_log, format_iteration_line\n'
+            'from microbench.model.metrics import megatron_tflops\n'
+            'from full_model.megatron.logparse import parse_log, format_iteration_line\n'
             '\n'
             'LOG = os.environ.get("MICROBENCH_MEGATRON_LOG")\n'
             'p = cfg.parallel\n'
@@ -308,7 +309,7 @@ def crosscheck() -> list:
             "median of the iterations after it. The prediction is for the configuration the log ran: "
             "the model preset with the log's global batch and sequence length."),
         new_code_cell(
-            'from microbench.config import with_layout\n'
+            'from microbench.model.config import with_layout\n'
             'it = result.iterations\n'
             'steady = it[it["iteration"] > it["iteration"].min()] if len(it) > 1 else it\n'
             'measured_s = float(steady["elapsed_ms"].median()) / 1e3\n'

@@ -1,0 +1,118 @@
+"""Opt-in diagnostics of one real Megatron-DeepSpeed rank: where its step time goes.
+
+    MICROBENCH_MDS_PROFILE=DIR python -m full_model.megatron run --model mds-cpu --tp 2 ...
+
+Off unless ``MICROBENCH_MDS_PROFILE`` names a directory; then :mod:`full_model.megatron.rank`
+calls :func:`install` before the framework starts, and every rank writes there (CSV/JSON,
+never pickle):
+
+* ``iterations-rank{R}.csv`` — each ``train_batch`` call: its start and end on the host's
+  monotonic clock (``time.perf_counter_ns``, one clock for every process of the host);
+* ``collectives-rank{R}.csv`` — each ``torch.distributed`` collective the framework calls
+  (Megatron's TP regions, DeepSpeed's engine): the iteration, the op, elements, dtype, group
+  size, and the call's entry and exit on the same clock. Matching the k-th call of a group
+  on every rank splits each call into the wait for the last rank to arrive (skew) and the
+  transfer itself (from the last arrival to the exit);
+* ``ops-rank{R}.csv`` — ``torch.profiler`` (CPU, shapes) over iteration
+  ``MICROBENCH_MDS_PROFILE_ITER`` (default 4): per op and input shape, calls, self and total
+  CPU µs;
+* ``meta-rank{R}.json`` — threads (``torch.get_num_threads``), ``OMP_NUM_THREADS``, pid.
+
+The profiled iteration runs slower (the profiler's own cost); the others are only wrapped
+by a clock read per collective.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+ENV, ENV_ITER = "MICROBENCH_MDS_PROFILE", "MICROBENCH_MDS_PROFILE_ITER"
+WRAPPED = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+           "reduce_scatter", "barrier", "send", "recv", "isend", "irecv")
+
+
+class _State:
+    iteration = 0
+    rows: list[list] = []
+
+
+def _group_size(dist, kw: dict, args: tuple) -> int:
+    group = kw.get("group")
+    try:
+        return dist.get_world_size(group) if group is not None else dist.get_world_size()
+    except Exception:  # noqa: BLE001 — a diagnostic never breaks the run
+        return -1
+
+
+def _wrap_collectives(dist) -> None:
+    for name in WRAPPED:
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
+
+        def timed(*args, _fn=fn, _name=name, **kw):
+            t = args[0] if args and hasattr(args[0], "numel") else kw.get("tensor")
+            numel = t.numel() if hasattr(t, "numel") else -1
+            dtype = str(t.dtype).replace("torch.", "") if hasattr(t, "dtype") else ""
+            t0 = time.perf_counter_ns()
+            out = _fn(*args, **kw)
+            t1 = time.perf_counter_ns()
+            _State.rows.append([_State.iteration, _name, numel, dtype, _group_size(dist, kw, args),
+                                int(bool(kw.get("async_op"))), t0, t1])
+            return out
+        functools.update_wrapper(timed, fn)
+        setattr(dist, name, timed)
+
+
+def _write_ops(prof, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "input_shapes", "calls", "self_cpu_us", "cpu_total_us"])
+        for e in prof.key_averages(group_by_input_shape=True):
+            w.writerow([e.key, str(e.input_shapes), e.count, f"{e.self_cpu_time_total:.1f}",
+                        f"{e.cpu_time_total:.1f}"])
+
+
+def install(out_dir: str, rank: int) -> None:
+    """Wrap the collectives and the pipeline engine's ``train_batch`` of this rank."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    which = int(os.environ.get(ENV_ITER, "4"))
+    _wrap_collectives(dist)
+    its = out / f"iterations-rank{rank}.csv"
+    its.write_text("iteration,start_ns,end_ns,profiled\n")
+    coll = out / f"collectives-rank{rank}.csv"
+    coll.write_text("iteration,op,elements,dtype,group_size,async,enter_ns,exit_ns\n")
+    (out / f"meta-rank{rank}.json").write_text(json.dumps(
+        {"rank": rank, "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "profiled_iteration": which}))
+    train_batch = PipelineEngine.train_batch
+
+    @functools.wraps(train_batch)
+    def traced(self, *a, **k):
+        _State.iteration += 1
+        it = _State.iteration
+        t0 = time.perf_counter_ns()
+        if it == which:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                res = train_batch(self, *a, **k)
+        else:
+            res = train_batch(self, *a, **k)
+        t1 = time.perf_counter_ns()
+        with open(its, "a") as f:
+            f.write(f"{it},{t0},{t1},{int(it == which)}\n")
+        with open(coll, "a", newline="") as f:
+            csv.writer(f).writerows(_State.rows)
+        _State.rows.clear()
+        if it == which:
+            _write_ops(prof, out / f"ops-rank{rank}.csv")
+        return res
+    PipelineEngine.train_batch = traced

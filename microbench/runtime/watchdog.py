@@ -1,0 +1,207 @@
+"""The run's last witness on a host, for launchers that kill every rank when one dies.
+
+Under MPICH's Hydra (and Open MPI's ``mpirun``, and ``srun --kill-on-bad-exit``) a rank that
+dies makes the launcher SIGKILL every other rank a fraction of a second later. A surviving
+rank often closes the manifest in that fraction of a second (``lifecycle.abort_rank``), but
+not always: when the kill wins, nobody is left to say which rank died and the run reads as
+``incomplete``. So the lowest rank on each host starts one watchdog: a small process in a
+session of its own (the launcher's kill does not reach it) that polls the host's ranks and
+notes which one ended first. When every rank on its host has ended it looks at the
+manifest:
+
+- still ``running`` (nobody closed it): it closes it ``failed``, naming the rank that ended
+  first (``first_ended``, ``dead_ranks``), when that rank ended clearly before the others;
+- ``failed`` by a rank that gave up mid-run (a survivor's failure, which names the peers it
+  found ended when it looked, ``dead_ranks``: by then the launcher may have killed more):
+  it adds ``first_ended``;
+- anything else (``ok``, ``interrupted``, a run that completed with a failed case, or a
+  failure that already says who ended first): it leaves the manifest alone.
+
+It never outlives its ranks by more than a moment, reads no tensors, imports no torch, and
+ends by itself. Across hosts it assumes a shared run directory (as the writer does). The
+embedded world needs none: its parent process is the witness there.
+
+So that a run is closed when the launcher returns, the watchdog holds the rank's standard
+error open until it has concluded: MPICH's Hydra (like most launchers that forward output)
+returns only at end-of-file on every rank's output, so ``mpiexec …; cat RUN/manifest.json``
+reads the final status. Where a launcher does not wait for that, the watchdog's marker
+``RUN_DIR/.watchdog-HOST.json`` (its pid and its ranks', removed when it ends) lets a reader
+on the same host wait for it, bounded (:func:`microbench.runtime.results.read_run`).
+
+    python -m microbench.runtime.watchdog RUN_DIR HOST RANK:PID [RANK:PID ...]   (started by the harness)
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from microbench.runtime.procs import ended
+
+POLL_S = 0.02
+"""Polling period where the kernel offers no process descriptors (``os.pidfd_open``)."""
+CLEAR_S = 0.001
+"""The first rank to end is named only if the next one ended at least this much later.
+With process descriptors each exit wakes the watchdog at once, and a launcher's kill of
+the others follows the death it reacts to (it must notice it first); ranks whose ends the
+watchdog sees in the same wake-up name nobody."""
+
+
+def watch(ranks: dict[int, int], *, poll_s: float = POLL_S) -> dict[int, float]:
+    """Wait until every rank's process has ended; when each was first seen ended. Woken by
+    the kernel at each exit (``pidfd_open`` + ``poll``, Linux ≥ 5.3), else polling."""
+    import select
+    gone: dict[int, float] = {}
+    fds: dict[int, int] = {}
+    try:
+        for r, pid in ranks.items():
+            try:
+                fds[os.pidfd_open(pid)] = r
+            except ProcessLookupError:  # already gone
+                gone[r] = time.monotonic()
+    except (AttributeError, OSError):  # no process descriptors here: poll instead
+        for fd in fds:
+            os.close(fd)
+        return _watch_polling(ranks, gone, poll_s=poll_s)
+    waiter = select.poll()
+    for fd in fds:
+        waiter.register(fd, select.POLLIN)
+    while fds:
+        events = waiter.poll()
+        now = time.monotonic()
+        for fd, _ in events:
+            gone.setdefault(fds.pop(fd), now)
+            waiter.unregister(fd)
+            os.close(fd)
+    return gone
+
+
+def _watch_polling(ranks: dict[int, int], gone: dict[int, float], *, poll_s: float) -> dict[int, float]:
+    while True:
+        now = time.monotonic()
+        for r, pid in ranks.items():
+            if r not in gone and ended(pid):
+                gone[r] = now
+        if len(gone) == len(ranks):
+            return gone
+        time.sleep(poll_s)
+
+
+def first_to_end(gone: dict[int, float], *, clear_s: float = CLEAR_S) -> int | None:
+    """The rank that ended clearly before every other one, or None."""
+    order = sorted(gone.items(), key=lambda kv: kv[1])
+    if not order:
+        return None
+    if len(order) > 1 and order[1][1] - order[0][1] < clear_s:
+        return None
+    return order[0][0]
+
+
+def _read_manifest(run_dir: Path) -> dict | None:
+    import json
+
+    from microbench.runtime import results
+    try:
+        manifest = json.loads((run_dir / results.MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def conclude(run_dir: Path, host: str, gone: dict[int, float], *, settle_s: float = 0.3) -> str:
+    """Close or amend the manifest from what was seen; returns what was done (for tests).
+    A ``failed`` manifest is amended only when a rank gave up mid-run (``abort_rank``'s
+    failure; a run that completed with a failed case has ``num_cases`` and ends normally)."""
+    from microbench.runtime import results
+    manifest = _read_manifest(run_dir)
+    if manifest is not None and manifest.get("status") in ("ok", "interrupted"):
+        return "left"  # closed normally: nothing to wait for
+    time.sleep(settle_s)  # a surviving rank on another host may be closing it right now
+    first = first_to_end(gone)
+    manifest = _read_manifest(run_dir)
+    if manifest is None:
+        return "no manifest"
+    status = manifest.get("status")
+    if status in (None, "running"):
+        if first is None:
+            why = (f"every rank on {host} ({', '.join(map(str, sorted(gone)))}) ended together "
+                   f"(within {CLEAR_S * 1e3:g} ms: which one died first cannot be told) without "
+                   "closing the run")
+            failure = {"rank": None, "host": host, "reason": why}
+        else:
+            why = (f"rank {first} on {host} ended first, {_gap(gone, first)} before any other rank "
+                   f"there, and nobody closed the run (the launcher killed the others)")
+            failure = {"rank": first, "host": host, "reason": why, "dead_ranks": [first],
+                       "first_ended": _first_ended(gone, first, host)}
+        failure["closed_by"] = f"watchdog on {host}"
+        return "closed" if results.close_unclosed(run_dir, status="failed", failure=failure) else "left"
+    failure = manifest.get("failure")
+    if status == "failed" and isinstance(failure, dict) and first is not None and \
+            "first_ended" not in failure and "num_cases" not in failure:
+        failure["first_ended"] = _first_ended(gone, first, host)
+        results.write_manifest(run_dir, manifest)
+        return "amended"
+    return "left"
+
+
+def _first_ended(gone: dict[int, float], first: int, host: str) -> dict[str, object]:
+    """As the embedded world's parent records it: which rank ended first, and how that is known."""
+    return {"rank": first, "how": f"ended first on {host}, {_gap(gone, first)} before any other rank "
+                                  "there (seen by the watchdog)"}
+
+
+def _gap(gone: dict[int, float], first: int) -> str:
+    others = [t for r, t in gone.items() if r != first]
+    return f"{min(others) - gone[first]:.2f} s" if others else "the only rank"
+
+
+def start(run_dir: Path, *, rank: int, hostnames: Sequence[str], pids: Sequence[int]) -> None:
+    """Start the host's watchdog if this rank is the lowest on its host (no-op otherwise)."""
+    import subprocess
+    host = hostnames[rank]
+    local = [r for r, h in enumerate(hostnames) if h == host]
+    if rank != min(local) or len(pids) != len(hostnames):
+        return
+    # a clean environment: no launcher variables (nothing should take it for a rank)
+    keep = ("PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "VIRTUAL_ENV", "TMPDIR")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), *([env["PYTHONPATH"]] if "PYTHONPATH" in env else [])])
+    # stderr inherited and held until it concludes: the launcher returns after the run is closed
+    subprocess.Popen([sys.executable, "-m", "microbench.runtime.watchdog", str(Path(run_dir).resolve()), host,
+                      *(f"{r}:{pids[r]}" for r in local)], env=env, start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True)
+
+
+def marker(run_dir: Path, host: str) -> Path:
+    """Where a live watchdog says who it is and whom it watches (see the module docstring)."""
+    return Path(run_dir) / f".watchdog-{host}.json"
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        run_dir, host, *pairs = argv
+        ranks = {int(r): int(p) for r, p in (x.split(":") for x in pairs)}
+    except ValueError:
+        print("usage: python -m microbench.runtime.watchdog RUN_DIR HOST RANK:PID [RANK:PID ...]", file=sys.stderr)
+        return 2
+    if not ranks:
+        return 2
+    import json
+    mark = marker(Path(run_dir), host)
+    try:
+        mark.write_text(json.dumps({"pid": os.getpid(), "host": host, "ranks": ranks}), encoding="utf-8")
+    except OSError:
+        mark = None  # the run directory is gone or full: watch anyway
+    try:
+        conclude(Path(run_dir), host, watch(ranks))
+    finally:
+        if mark is not None:
+            mark.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

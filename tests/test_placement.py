@@ -1,0 +1,96 @@
+"""Where a parallel axis' groups live (analysis.placement) read from the one rank order,
+microbench.model.grid.Grid: the same answers as the Megatron formula it replaces, as every
+group enumerated one by one, and fast for 100k-rank worlds."""
+import itertools
+import time
+
+import pytest
+
+from analysis.placement import Placement, _grid_placement, grid_placement, group_placement
+from microbench.model.config import ModelConfig, ParallelConfig, TrainConfig
+from microbench.model.grid import Grid
+
+TPS, PPS, DPS = (1, 2, 3, 4, 6, 8, 12, 16), (1, 2, 3, 4, 8, 64), (1, 2, 3, 5, 6, 16, 128)
+RANKS_PER_NODE = (1, 2, 4, 6, 8, 12, 16)
+
+
+def _cfg(tp: int, pp: int, dp: int) -> TrainConfig:
+    """Any layout of TPS × PPS × DPS: dimensions divisible by every tp (lcm 48) and pp (lcm 192)."""
+    model = ModelConfig(num_layers=192, hidden=384, num_heads=48, ffn_hidden=1536, seq_len=64, vocab_size=4800)
+    return TrainConfig(model=model, parallel=ParallelConfig(tp=tp, pp=pp, dp=dp, global_batch=dp))
+
+
+def _megatron_formula(cfg: TrainConfig, axis: str, *, ranks_per_node: int) -> Placement:
+    """The formula group_placement used before it read the Grid (rank = t + tp·(d + dp·p))."""
+    p = cfg.parallel
+    size, stride = {"tp": (p.tp, 1), "dp": (p.dp, p.tp), "pp": (p.pp, p.tp * p.dp)}[axis]
+    rpn = ranks_per_node
+    if axis == "tp":
+        starts = {(p.tp * j) % rpn for j in range(min(p.dp * p.pp, rpn))}
+    elif axis == "dp":
+        starts = {(t + p.tp * p.dp * k) % rpn for t in range(p.tp) for k in range(min(p.pp, rpn))}
+    else:
+        starts = {(t + p.tp * d) % rpn for t in range(p.tp) for d in range(min(p.dp, rpn))}
+    worst_nodes, fewest = 1, size
+    for r in starts:
+        per_node: dict[int, int] = {}
+        for i in range(size):
+            node = (r + i * stride) // rpn
+            per_node[node] = per_node.get(node, 0) + 1
+        worst_nodes = max(worst_nodes, len(per_node))
+        fewest = min(fewest, min(per_node.values()))
+    return Placement(crosses_nodes=worst_nodes > 1, ranks_per_node_in_group=max(1, fewest),
+                     num_nodes=worst_nodes, num_groups=p.world_size // size)
+
+
+@pytest.mark.parametrize("axis", ["tp", "dp", "pp"])
+def test_grid_placement_is_the_megatron_formula(axis):
+    n = 0
+    for tp, pp, dp, rpn in itertools.product(TPS, PPS, DPS, RANKS_PER_NODE):
+        cfg = _cfg(tp, pp, dp)
+        want = _megatron_formula(cfg, axis, ranks_per_node=rpn)
+        assert grid_placement(Grid(tp=tp, pp=pp, dp=dp), axis, ranks_per_node=rpn) == want, (tp, pp, dp, rpn)
+        n += 1
+    assert n == len(TPS) * len(PPS) * len(DPS) * len(RANKS_PER_NODE) == 2352
+
+
+def _every_group(grid: Grid, axis: str, rpn: int) -> Placement:
+    """No shortcut: every group of the axis (Grid.groups), every rank's node."""
+    groups = grid.groups(axis)
+    spans = [{r // rpn for r in g} for g in groups]
+    fewest = min(min(sum(1 for r in g if r // rpn == n) for n in nodes) for g, nodes in zip(groups, spans))
+    worst = max(len(nodes) for nodes in spans)
+    return Placement(crosses_nodes=worst > 1, ranks_per_node_in_group=fewest, num_nodes=worst,
+                     num_groups=len(groups))
+
+
+@pytest.mark.parametrize("axis", ["tp", "dp", "pp"])
+def test_grid_placement_is_every_group_looked_at(axis):
+    for tp, pp, dp, rpn in itertools.product((1, 2, 3, 4, 8), (1, 2, 3, 5), (1, 2, 3, 6), (1, 3, 4, 8, 12)):
+        grid = Grid(tp=tp, pp=pp, dp=dp)
+        assert grid_placement(grid, axis, ranks_per_node=rpn) == _every_group(grid, axis, rpn), (tp, pp, dp, rpn)
+
+
+def test_group_placement_reads_the_layout():
+    cfg = _cfg(8, 4, 6)
+    assert group_placement(cfg, "dp", ranks_per_node=12) == grid_placement(Grid(tp=8, pp=4, dp=6), "dp",
+                                                                            ranks_per_node=12)
+
+
+def test_a_100k_rank_world_is_placed_in_well_under_a_second():
+    grid = Grid(tp=12, pp=64, dp=136)  # 104,448 ranks on 8,704 nodes of 12
+    _grid_placement.cache_clear()
+    t0 = time.perf_counter()
+    got = {axis: grid_placement(grid, axis, ranks_per_node=12) for axis in ("tp", "dp", "pp")}
+    elapsed = time.perf_counter() - t0
+    assert got["tp"] == Placement(crosses_nodes=False, ranks_per_node_in_group=12, num_nodes=1, num_groups=8704)
+    assert got["dp"] == Placement(crosses_nodes=True, ranks_per_node_in_group=1, num_nodes=136, num_groups=768)
+    assert got["pp"] == Placement(crosses_nodes=True, ranks_per_node_in_group=1, num_nodes=64, num_groups=1632)
+    assert elapsed < 0.5, f"{elapsed:.3f} s"
+
+
+def test_a_bad_axis_or_node_size_is_refused():
+    with pytest.raises(ValueError, match="ranks_per_node 0"):
+        grid_placement(Grid(tp=2, pp=1, dp=1), "tp", ranks_per_node=0)
+    with pytest.raises(ValueError, match="axis 'ep'"):
+        grid_placement(Grid(tp=2, pp=1, dp=1), "ep", ranks_per_node=8)
