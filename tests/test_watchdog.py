@@ -2,6 +2,7 @@
 survivor can (issue 12): what it concludes from the order in which ranks ended, on real
 processes and on manifests in every state."""
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -28,13 +29,13 @@ def test_watch_orders_real_processes_by_when_they_ended(how):
     procs = {0: sleeper(1.2), 1: sleeper(0.3), 2: sleeper(1.2)}
     ranks = {r: p.pid for r, p in procs.items()}
     try:
-        gone = watch(ranks) if how == "pidfd" else _watch_polling(ranks, {}, poll_s=0.02)
+        gone, ordered = watch(ranks) if how == "pidfd" else (_watch_polling(ranks, {}, poll_s=0.02), False)
     finally:
         for p in procs.values():
             p.kill()
             p.wait()
-    assert set(gone) == {0, 1, 2}
-    assert first_to_end(gone) == 1
+    assert set(gone) == {0, 1, 2} and ordered == (how == "pidfd")
+    assert first_to_end(gone, ordered=ordered) == 1
 
 
 def test_ranks_that_end_together_name_nobody():
@@ -42,6 +43,52 @@ def test_ranks_that_end_together_name_nobody():
     assert first_to_end({0: 10.0, 1: 10.0002}) is None
     assert first_to_end({0: 10.5, 1: 10.0, 2: 10.6}) == 1
     assert first_to_end({3: 1.0}) == 3
+
+
+def test_ranks_seen_in_one_wake_up_are_named_in_the_kernels_order():
+    """Where the order is the kernel's (epoll's ready list), the first rank of a wake-up is named."""
+    assert first_to_end({2: 10.0, 0: 10.0, 1: 10.0}, ordered=True) == 2
+    assert first_to_end({0: 10.0, 1: 10.0002}, ordered=True) == 0
+
+
+def zombie(p: subprocess.Popen) -> None:
+    """Kill ``p`` and wait until it has ended (a zombie: not reaped, so its pid stays ours)."""
+    p.kill()
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        if open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {p.pid} did not end")
+
+
+def test_a_watchdog_that_wakes_late_still_names_the_rank_that_ended_first(tmp_path):
+    """A loaded host (seen in CI: 4 ranks on 2 cores): the launcher's kill of the others came
+    before the watchdog was scheduled, and it saw every exit in one wake-up. Here the watchdog
+    is stopped (SIGSTOP) while rank 1 ends and then rank 0; resumed, it names rank 1 from the
+    kernel's order of exits, and says the gap is not known. Before, it named nobody."""
+    w = open_run(tmp_path / "r")
+    a, b = sleeper(30), sleeper(30)
+    dog = subprocess.Popen([sys.executable, "-m", "microbench.runtime.watchdog", str(w.dir), "h1",
+                            f"0:{a.pid}", f"1:{b.pid}"])
+    try:
+        end = time.monotonic() + 20
+        while not (w.dir / ".watchdog-h1.json").exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(0.5)  # its process descriptors are registered
+        dog.send_signal(signal.SIGSTOP)
+        zombie(b)
+        zombie(a)
+        dog.send_signal(signal.SIGCONT)
+        assert dog.wait(timeout=20) == 0
+    finally:
+        for p in (a, b, dog):
+            p.kill()
+            p.wait()
+    failure = read_run(w.dir)[0]["failure"]
+    assert failure["first_ended"]["rank"] == 1 and failure["dead_ranks"] == [1]
+    assert "kernel's order of exits" in failure["first_ended"]["how"]
+    assert "by how much is not known" in failure["reason"]
 
 
 def test_an_unclosed_run_is_closed_failed_naming_the_first_rank(tmp_path):
@@ -75,6 +122,15 @@ def test_a_survivors_failure_gets_the_rank_that_ended_first(tmp_path):
     assert conclude(w.dir, "h1", {0: 5.4, 1: 5.0, 2: 5.5}, settle_s=0) == "amended"
     failure = read_run(w.dir)[0]["failure"]
     assert failure["first_ended"]["rank"] == 1 and failure["dead_ranks"] == [0, 1]
+
+
+def test_a_survivors_failure_gets_the_first_rank_from_the_kernels_order(tmp_path):
+    """CI, 4 ranks on 2 cores: a survivor closed the run before it could see rank 0 gone, and
+    the watchdog saw every exit in one wake-up; the kernel's order still names rank 0."""
+    w = open_run(tmp_path / "r")
+    w.close(status="failed", failure={"rank": 3, "reason": "allreduce failed: a peer may have died"})
+    assert conclude(w.dir, "h1", {0: 5.0, 2: 5.0, 1: 5.0, 3: 5.0}, ordered=True, settle_s=0) == "amended"
+    assert read_run(w.dir)[0]["failure"]["first_ended"]["rank"] == 0
 
 
 @pytest.mark.parametrize("status, failure", [

@@ -18,12 +18,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from microbench.harness import registry
 from microbench.harness.cli import ArgumentParser
 from microbench.harness.contract import Probe
-from microbench.harness.engine import probe_context, run_cases
+from microbench.harness.engine import probe_context, run_cases, share_from_rank0
 from microbench.harness.lifecycle import RUN, build_manifest, finish, install_signal_handlers, outcome, usage_exit
 from microbench.harness.modelargs import config_from_args
 from microbench.harness.options import (check_out, common_parser, make_grid, validate_common,
@@ -215,11 +216,13 @@ def progress(total: int, enabled: bool):
 def run_rank(args: argparse.Namespace, argv: Sequence[str]) -> int:
     world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
     RUN.rank, RUN.world_size, RUN.store = world.rank, world.world_size, world.store
+    RUN.launched = world.launcher != "embedded"
     if args.scale is None or (world.device_kind == "cpu" and not args.peak_size):
         _agree_on_scale(args, world)
     steps = plan(args, world.world_size, world.device_kind, ranks_per_node=world.ranks_per_node)
     check_steps(steps, world.world_size)  # a bad step stops the run before anything is measured
     writer = _open_campaign(args, argv, world, steps) if world.rank == 0 else None
+    RUN.run_dir = Path(share_from_rank0(world, str(writer.dir) if writer else None))
     timer = Timer(world)
     bar = progress(len(steps), world.rank == 0)
     all_rows: list[dict] = []

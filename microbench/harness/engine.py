@@ -299,6 +299,7 @@ def _emit(probe: Probe, ctx: Context, row: dict[str, Any], *, show: bool, derive
 def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> int:
     world = init_world(device=args.device, backend=args.backend, timeout_s=args.timeout_s)
     RUN.rank, RUN.world_size, RUN.store = world.rank, world.world_size, world.store
+    RUN.launched = world.launcher != "embedded"
     ctx = probe_context(probe, args, world)
     if world.rank == 0:
         out = args.out or str(results.default_out_dir(probe.name))

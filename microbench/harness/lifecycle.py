@@ -45,6 +45,9 @@ class RunState:
     announce: bool = True
     """Print the one-line message on a signal (rank 0 of a launched world; never a rank of the
     embedded world, whose parent prints it)."""
+    launched: bool = False
+    """A rank of a launcher's world (mpiexec, torchrun, srun), where the launcher signals every
+    rank at once and kills the others as soon as one exits (see :func:`install_signal_handlers`)."""
     writer: results.RunWriter | None = None
     run_dir: Path | None = None
     store: Any = None
@@ -79,25 +82,81 @@ def finish(writer: results.RunWriter, rows: Sequence[dict[str, Any]], *, host: s
     return code
 
 
+CLOSE_WAIT_S = 1.0
+"""Under a launcher, how long a rank other than 0 that got SIGINT/SIGTERM waits for rank 0 to
+close the run before closing it itself (rank 0 may be blocked in a collective)."""
+CLOSER = ".closed-by"
+"""Created (exclusively) in the run directory by the one rank that closes an interrupted run."""
+
+
 def install_signal_handlers() -> None:
-    """SIGINT/SIGTERM end this rank at once: rank 0 closes the manifest ``interrupted``, one
-    line is printed (see :attr:`RunState.announce`), no traceback, exit 128+N. A rank blocked
-    inside a collective runs this when the call returns (at the latest after the group
-    timeout); the embedded world's parent does not wait that long (it kills, then closes)."""
+    """SIGINT/SIGTERM end this rank at once: the run is closed ``interrupted`` by one rank, one
+    line is printed, no traceback, exit 128+N. A rank blocked inside a collective runs this when
+    the call returns (at the latest after the group timeout); the embedded world's parent does
+    not wait that long (it kills, then closes, and prints the line itself).
+
+    Under a launcher every rank gets the signal, and MPICH's Hydra SIGKILLs the others as soon
+    as the first one exits: had every rank left at once, rank 0 could be killed before it closed
+    the run or printed its line (seen in CI, 1 in 6 tries on a loaded machine). So the ranks
+    other than 0 first wait (up to :data:`CLOSE_WAIT_S`) for the run to be closed; rank 0
+    closes it at once. Exactly one rank closes it and prints (the one that creates
+    ``RUN_DIR/.closed-by``): rank 0, or — when rank 0 is still blocked after the wait — the
+    first other rank, which the manifest names as ``interrupted_rank``."""
     def handler(signum: int, _frame) -> None:
         name = signal.Signals(signum).name
-        if RUN.writer is not None and not RUN.writer.closed:
-            try:
-                RUN.writer.close(status="interrupted", signal=name, interrupted_rank=RUN.rank)
-            except OSError:
-                pass
-        if RUN.announce:
-            where = f"; run {RUN.writer.dir} marked interrupted" if RUN.writer is not None else ""
-            print(f"error: {RUN.module}: interrupted by {name}{where}", file=sys.stderr, flush=True)
+        if RUN.launched and RUN.world_size > 1 and RUN.run_dir is not None:
+            _close_interrupted_launched(name)
+        else:
+            marked = False
+            if RUN.writer is not None and not RUN.writer.closed:
+                try:
+                    RUN.writer.close(status="interrupted", signal=name, interrupted_rank=RUN.rank)
+                    marked = True
+                except OSError:
+                    pass
+            if RUN.announce:
+                _announce(name, RUN.writer.dir if marked else None)
         sys.stdout.flush()
         os._exit(128 + signum)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
+
+
+def _announce(signame: str, marked: Path | None) -> None:
+    where = f"; run {marked} marked interrupted" if marked is not None else ""
+    print(f"error: {RUN.module}: interrupted by {signame}{where}", file=sys.stderr, flush=True)
+
+
+def _close_interrupted_launched(signame: str) -> None:
+    """One rank of a launched world closes the run ``interrupted`` and prints the line; the
+    others leave quietly once it is closed (see :func:`install_signal_handlers`)."""
+    run_dir = Path(RUN.run_dir)
+    if RUN.rank != 0:
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while time.monotonic() < deadline:
+            if (results.current_manifest(run_dir) or {}).get("status") not in (None, "running"):
+                return  # closed (by rank 0, or ended anyway): nothing for this rank to say
+            time.sleep(0.01)
+    try:
+        fd = os.open(run_dir / CLOSER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return  # another rank is closing it
+    except OSError:
+        fd = None  # the directory is gone or full: say what happened all the same
+    if fd is not None:
+        os.write(fd, f"{RUN.rank}\n".encode())
+        os.close(fd)
+    marked = False
+    try:
+        if RUN.writer is not None and not RUN.writer.closed:
+            RUN.writer.close(status="interrupted", signal=signame, interrupted_rank=RUN.rank)
+            marked = True
+        else:
+            marked = results.close_unclosed(run_dir, status="interrupted", signal=signame,
+                                            interrupted_rank=RUN.rank)
+    except OSError:
+        pass
+    _announce(signame, run_dir if marked else None)
 
 
 def usage_exit(error: str | BaseException, *, after_init: bool = False) -> int:

@@ -234,6 +234,16 @@ def close_unclosed(run_dir: str | os.PathLike, *, status: str, **fields: Any) ->
     return True
 
 
+def current_manifest(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest as it is on disk now (no waiting on a watchdog: what the watchdog and a
+    rank closing the run read), or None when it is missing or unreadable."""
+    try:
+        manifest = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 class ResultsError(ValueError):
     """A results file that cannot be read: the message names the file and line."""
 

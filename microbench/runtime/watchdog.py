@@ -10,7 +10,9 @@ notes which one ended first. When every rank on its host has ended it looks at t
 manifest:
 
 - still ``running`` (nobody closed it): it closes it ``failed``, naming the rank that ended
-  first (``first_ended``, ``dead_ranks``), when that rank ended clearly before the others;
+  first (``first_ended``, ``dead_ranks``) where that can be told: by the kernel's order of
+  exits (process descriptors in an ``epoll`` set, even when the watchdog woke late on a
+  loaded host), else (polling) when that rank was seen ended clearly before the others;
 - ``failed`` by a rank that gave up mid-run (a survivor's failure, which names the peers it
   found ended when it looked, ``dead_ranks``: by then the launcher may have killed more):
   it adds ``first_ended``;
@@ -43,15 +45,19 @@ from microbench.runtime.procs import ended
 POLL_S = 0.02
 """Polling period where the kernel offers no process descriptors (``os.pidfd_open``)."""
 CLEAR_S = 0.001
-"""The first rank to end is named only if the next one ended at least this much later.
-With process descriptors each exit wakes the watchdog at once, and a launcher's kill of
-the others follows the death it reacts to (it must notice it first); ranks whose ends the
-watchdog sees in the same wake-up name nobody."""
+"""Where the order of exits is not known within a wake-up (polling), the first rank to end is
+named only if the next one was seen ended at least this much later."""
 
 
-def watch(ranks: dict[int, int], *, poll_s: float = POLL_S) -> dict[int, float]:
-    """Wait until every rank's process has ended; when each was first seen ended. Woken by
-    the kernel at each exit (``pidfd_open`` + ``poll``, Linux ≥ 5.3), else polling."""
+def watch(ranks: dict[int, int], *, poll_s: float = POLL_S) -> tuple[dict[int, float], bool]:
+    """Wait until every rank's process has ended. Returns when each was seen ended (the
+    watchdog's wake-up), in the order they ended, and whether that order is the kernel's.
+
+    With process descriptors (``pidfd_open``, Linux ≥ 5.3) in an ``epoll`` set, each exit wakes
+    the watchdog, and when several ranks ended before it was scheduled (a loaded host: the
+    launcher's kill of the others can come before the watchdog runs) ``epoll`` still returns
+    them in the order they ended: its ready list is first-in, first-out. Without them it
+    polls, and ranks seen in one poll have no known order."""
     import select
     gone: dict[int, float] = {}
     fds: dict[int, int] = {}
@@ -64,18 +70,22 @@ def watch(ranks: dict[int, int], *, poll_s: float = POLL_S) -> dict[int, float]:
     except (AttributeError, OSError):  # no process descriptors here: poll instead
         for fd in fds:
             os.close(fd)
-        return _watch_polling(ranks, gone, poll_s=poll_s)
-    waiter = select.poll()
-    for fd in fds:
-        waiter.register(fd, select.POLLIN)
-    while fds:
-        events = waiter.poll()
-        now = time.monotonic()
-        for fd, _ in events:
-            gone.setdefault(fds.pop(fd), now)
-            waiter.unregister(fd)
-            os.close(fd)
-    return gone
+        return _watch_polling(ranks, gone, poll_s=poll_s), False
+    ordered = len(gone) <= 1  # ranks already gone at the start have no known order
+    waiter = select.epoll()
+    try:
+        for fd in fds:
+            waiter.register(fd, select.EPOLLIN)
+        while fds:
+            events = waiter.poll(-1, len(fds))
+            now = time.monotonic()
+            for fd, _ in events:
+                gone.setdefault(fds.pop(fd), now)
+                waiter.unregister(fd)
+                os.close(fd)
+    finally:
+        waiter.close()
+    return gone, ordered
 
 
 def _watch_polling(ranks: dict[int, int], gone: dict[int, float], *, poll_s: float) -> dict[int, float]:
@@ -89,50 +99,44 @@ def _watch_polling(ranks: dict[int, int], gone: dict[int, float], *, poll_s: flo
         time.sleep(poll_s)
 
 
-def first_to_end(gone: dict[int, float], *, clear_s: float = CLEAR_S) -> int | None:
-    """The rank that ended clearly before every other one, or None."""
-    order = sorted(gone.items(), key=lambda kv: kv[1])
+def first_to_end(gone: dict[int, float], *, ordered: bool = False, clear_s: float = CLEAR_S) -> int | None:
+    """The rank that ended first, or None when that cannot be told. ``gone`` is in the order
+    the ranks ended where ``ordered`` (the kernel's, from :func:`watch`): the first one is
+    named even when the watchdog saw several in one wake-up. Otherwise only a rank seen ended
+    at least ``clear_s`` before every other one is named."""
+    order = sorted(gone.items(), key=lambda kv: kv[1])  # stable: a wake-up keeps the kernel's order
     if not order:
         return None
-    if len(order) > 1 and order[1][1] - order[0][1] < clear_s:
+    if len(order) > 1 and order[1][1] - order[0][1] < clear_s and not ordered:
         return None
     return order[0][0]
 
 
-def _read_manifest(run_dir: Path) -> dict | None:
-    import json
-
+def conclude(run_dir: Path, host: str, gone: dict[int, float], *, ordered: bool = False,
+             settle_s: float = 0.3) -> str:
+    """Close or amend the manifest from what was seen (``gone`` and ``ordered`` as
+    :func:`watch` returns them); returns what was done (for tests). A ``failed`` manifest is
+    amended only when a rank gave up mid-run (``abort_rank``'s failure; a run that completed
+    with a failed case has ``num_cases`` and ends normally)."""
     from microbench.runtime import results
-    try:
-        manifest = json.loads((run_dir / results.MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def conclude(run_dir: Path, host: str, gone: dict[int, float], *, settle_s: float = 0.3) -> str:
-    """Close or amend the manifest from what was seen; returns what was done (for tests).
-    A ``failed`` manifest is amended only when a rank gave up mid-run (``abort_rank``'s
-    failure; a run that completed with a failed case has ``num_cases`` and ends normally)."""
-    from microbench.runtime import results
-    manifest = _read_manifest(run_dir)
+    manifest = results.current_manifest(run_dir)
     if manifest is not None and manifest.get("status") in ("ok", "interrupted"):
         return "left"  # closed normally: nothing to wait for
     time.sleep(settle_s)  # a surviving rank on another host may be closing it right now
-    first = first_to_end(gone)
-    manifest = _read_manifest(run_dir)
+    first = first_to_end(gone, ordered=ordered)
+    manifest = results.current_manifest(run_dir)
     if manifest is None:
         return "no manifest"
     status = manifest.get("status")
     if status in (None, "running"):
         if first is None:
             why = (f"every rank on {host} ({', '.join(map(str, sorted(gone)))}) ended together "
-                   f"(within {CLEAR_S * 1e3:g} ms: which one died first cannot be told) without "
-                   "closing the run")
+                   f"(within {CLEAR_S * 1e3:g} ms, and the order of exits is not known here: which "
+                   "one died first cannot be told) without closing the run")
             failure = {"rank": None, "host": host, "reason": why}
         else:
-            why = (f"rank {first} on {host} ended first, {_gap(gone, first)} before any other rank "
-                   f"there, and nobody closed the run (the launcher killed the others)")
+            why = (f"rank {first} on {host} ended first, {_how_first(gone, first)}, and nobody "
+                   "closed the run (the launcher killed the others)")
             failure = {"rank": first, "host": host, "reason": why, "dead_ranks": [first],
                        "first_ended": _first_ended(gone, first, host)}
         failure["closed_by"] = f"watchdog on {host}"
@@ -148,13 +152,19 @@ def conclude(run_dir: Path, host: str, gone: dict[int, float], *, settle_s: floa
 
 def _first_ended(gone: dict[int, float], first: int, host: str) -> dict[str, object]:
     """As the embedded world's parent records it: which rank ended first, and how that is known."""
-    return {"rank": first, "how": f"ended first on {host}, {_gap(gone, first)} before any other rank "
-                                  "there (seen by the watchdog)"}
+    return {"rank": first, "how": f"ended first on {host}, {_how_first(gone, first)} (seen by the watchdog)"}
 
 
-def _gap(gone: dict[int, float], first: int) -> str:
+def _how_first(gone: dict[int, float], first: int) -> str:
     others = [t for r, t in gone.items() if r != first]
-    return f"{min(others) - gone[first]:.2f} s" if others else "the only rank"
+    if not others:
+        return "the only rank there"
+    gap = min(others) - gone[first]
+    if gap > 0:
+        return f"{gap:.2f} s before any other rank there"
+    together = sum(1 for t in gone.values() if t == gone[first])
+    return (f"in the kernel's order of exits (the watchdog woke after {together} ranks there had "
+            "ended, so by how much is not known)")
 
 
 def start(run_dir: Path, *, rank: int, hostnames: Sequence[str], pids: Sequence[int]) -> None:
@@ -196,7 +206,8 @@ def main(argv: Sequence[str]) -> int:
     except OSError:
         mark = None  # the run directory is gone or full: watch anyway
     try:
-        conclude(Path(run_dir), host, watch(ranks))
+        gone, ordered = watch(ranks)
+        conclude(Path(run_dir), host, gone, ordered=ordered)
     finally:
         if mark is not None:
             mark.unlink(missing_ok=True)
