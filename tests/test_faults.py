@@ -144,6 +144,13 @@ def named_rank(failure: dict) -> int | None:
     return dead[0] if len(dead) == 1 else None
 
 
+def segments_removed(man: dict) -> None:
+    """Ranks that never reached MPI_Finalize leave MPICH's shared-memory segment in /dev/shm;
+    the watchdog removes it and the manifest says so."""
+    assert man.get("removed_shm"), man
+    assert not [p for p in man["removed_shm"] if Path(p).exists()]
+
+
 def closed_failed_naming(out: Path, victim: int) -> dict:
     """Under MPICH a rank that dies makes Hydra SIGKILL every other rank a fraction of a second
     later. A survivor that saw the failure first closes the run ``failed``; when Hydra's kill
@@ -161,6 +168,7 @@ def closed_failed_naming(out: Path, victim: int) -> dict:
     df = load(out)
     assert set(df["run_status"]) == {"failed"}
     assert json.loads(df["run_failure"].iloc[0]) == f  # load carries what the manifest says
+    segments_removed(man)
     return man
 
 
@@ -227,6 +235,7 @@ def test_mpiexec_sigterm_marks_the_run_interrupted(tmp_path):
     assert man["status"] == "interrupted" and man["signal"] == "SIGTERM"
     assert man["interrupted_rank"] in (0, 1)
     assert (out / ".closed-by").read_text() == f"{man['interrupted_rank']}\n"
+    segments_removed(man)
     earlier_rows_unchanged(out, before)
     no_orphans(str(out))
 

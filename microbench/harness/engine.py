@@ -311,8 +311,14 @@ def _run_rank(probe: Probe, args: argparse.Namespace, argv: Sequence[str]) -> in
         RUN.writer = ctx.writer
     RUN.run_dir = Path(share_from_rank0(world, str(ctx.writer.dir) if ctx.writer else None))
     if world.launcher != "embedded" and world.world_size > 1:  # the embedded world's parent witnesses
+        from microbench.runtime.watchdog import START_WAIT_S as WATCHDOG_WAIT_S
         from microbench.runtime.watchdog import start as start_watchdog
-        start_watchdog(RUN.run_dir, rank=world.rank, hostnames=world.hostnames, pids=world.pids)
+        if start_watchdog(RUN.run_dir, rank=world.rank, hostnames=world.hostnames, pids=world.pids) is False:
+            late = (f"the watchdog on {world.hostname} was not watching after {WATCHDOG_WAIT_S:g} s: a rank "
+                    "that dies before it is may not be named")
+            print(f"# warning: {late}", file=sys.stderr, flush=True)
+            if ctx.writer is not None:
+                ctx.writer.update_manifest(watchdog_warning=late)
     rows = run_cases(probe, ctx, Timer(world))
     code = outcome(rows)[1]  # rows are the same on every rank: every rank exits alike
     if ctx.writer is not None:
