@@ -171,6 +171,16 @@ def test_only_this_runs_shared_memory_workspaces_are_removed():
 needs_framework = pytest.mark.skipif(_framework_missing() is not None, reason=_framework_missing() or "")
 
 
+def run_entry(tmp_path, script: str) -> subprocess.CompletedProcess:
+    """``script`` as the entry point of ``full_model.megatron.rank`` under ``mpiexec -n 2``."""
+    from tests.launch import mpiexec
+    if mpiexec() is None:
+        pytest.skip("no mpiexec (the local extra)")
+    (tmp_path / "entry.py").write_text(script)
+    return subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "full_model.megatron.rank", str(tmp_path),
+                           "entry.py"], env=env(), capture_output=True, text=True, timeout=180, cwd=REPO)
+
+
 @needs_framework
 @pytest.mark.multirank
 @pytest.mark.timeout(240)
@@ -178,18 +188,31 @@ def test_a_rank_that_fails_early_ends_the_job_instead_of_waiting_in_mpi_finalize
     """Under mpiexec a rank whose entry point raises must end the job: left to Python's exit,
     mpi4py's MPI_Finalize waits for the other rank, which waits for it (the grid of 2026-12-02
     lost 13 minutes to a rank-0 EADDRINUSE that way). The other rank here sleeps 600 s."""
-    from tests.launch import mpiexec
-    if mpiexec() is None:
-        pytest.skip("no mpiexec (the local extra)")
-    (tmp_path / "entry.py").write_text(
-        "import time\nfrom mpi4py import MPI\n"
-        "if MPI.COMM_WORLD.Get_rank() == 0:\n    raise RuntimeError('the rendezvous port is taken (test)')\n"
-        "time.sleep(600)\n")
-    res = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "full_model.megatron.rank", str(tmp_path),
-                          "entry.py"], env=env(), capture_output=True, text=True, timeout=180, cwd=REPO)
+    res = run_entry(tmp_path, "import time\nfrom mpi4py import MPI\n"
+                              "if MPI.COMM_WORLD.Get_rank() == 0:\n    raise RuntimeError('the rendezvous port is taken (test)')\n"
+                              "time.sleep(600)\n")
     assert res.returncode != 0
     assert "the rendezvous port is taken (test)" in res.stderr
     assert "full_model.megatron.rank: rank 0 failed; ending it now" in res.stderr
+
+
+@needs_framework
+@pytest.mark.multirank
+@pytest.mark.timeout(240)
+def test_a_finished_script_ends_its_ranks_without_the_teardown_that_can_abort(tmp_path):
+    """A rank whose script returned leaves with MPI finalized and no interpreter teardown: in
+    CI (2026-12-02) a tp2 run that had logged its last iteration aborted in teardown
+    ("terminate called without an active exception", exit 6) and was called failed. The
+    stand-in for a teardown that aborts is an exit handler that calls abort()."""
+    before = set(Path("/dev/shm").glob("mpich_shm_*"))
+    res = run_entry(tmp_path, "import atexit, os\nfrom mpi4py import MPI\n"
+                              "atexit.register(os.abort)\n"
+                              "print('trained', MPI.COMM_WORLD.Get_rank(), flush=True)\n")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("\n").count("trained 0") == 1 and "trained 1" in res.stdout
+    assert set(Path("/dev/shm").glob("mpich_shm_*")) - before == set()  # MPI_Finalize ran
+
+
 TINY = ["--model", "tiny", "--layers", "2", "--hidden", "64", "--heads", "4", "--ffn", "256", "--seq", "64",
         "--vocab", "256", "--mbs", "2", "--gbs", "4", "--dtype", "fp32"]
 

@@ -154,6 +154,21 @@ def main(argv: list[str]) -> None:
         runpy.run_path(os.path.join(source, script), run_name="__main__")
     except BaseException as e:  # noqa: BLE001 — any way out but success ends the whole job
         _die(e)
+    _leave()
+
+
+def _leave() -> None:
+    """The script returned: end this rank without Python's teardown, which destroys DeepSpeed's
+    and gloo's live threads ("terminate called without an active exception", SIGABRT, exit 6:
+    seen in CI on 2026-12-02 after a tp2 run had logged its last iteration, so the launcher
+    called a finished run failed). MPI is finalized first (every rank gets here), so MPICH
+    leaves no shared-memory segment behind."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(0)
 
 
 def _die(e: BaseException) -> None:
@@ -165,7 +180,7 @@ def _die(e: BaseException) -> None:
     import traceback
     code = e.code if isinstance(e, SystemExit) else 1
     if isinstance(e, SystemExit) and code in (0, None):
-        raise e
+        _leave()
     if not isinstance(e, SystemExit):
         traceback.print_exception(e)
     elif not isinstance(code, int):

@@ -310,10 +310,31 @@ def _launch(cmd: list[str] | None, rank_cmd: list[str], *, n: int, env: dict, lo
     return next((r for r in rcs if r), 0)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, *, wait_s: float = 10.0) -> None:
+    """SIGKILL the session ``proc`` leads and wait (bounded) until none of it is left: on a
+    loaded host a killed compiler can run on for a moment before the kill takes."""
     import signal
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
+    end = time.monotonic() + wait_s
+    while _live_members(proc.pid) and time.monotonic() < end:
+        time.sleep(0.02)
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Processes of process group ``pgid`` that have not ended (zombies are ended)."""
+    live = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                state, _ppid, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            live.append(int(entry))
+    return live
