@@ -339,3 +339,42 @@ def test_the_grid_runs_its_ci_configurations_end_to_end(tmp_path):
     keep = [c for c in df.columns if c != "run_dirs"]
     pd.testing.assert_frame_equal(pd.read_csv(again)[keep], df[keep])
     assert json.loads(again.with_suffix(".machine.json").read_text())["reused_complete_runs"] is True
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed not installed (the megatron extra)")
+def test_profile_hook_records_a_run_without_the_pipeline_engine(tmp_path, monkeypatch):
+    """ZeRO-2 runs with --no-pipeline-parallel: Megatron calls the engine's forward, backward
+    and step once per micro-batch. The hook makes an iteration of the micro-batches up to the
+    step at the accumulation boundary, and writes its collectives then (before, a run that
+    never called ``train_batch`` wrote none)."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from full_model.megatron import profilehook
+    for name in profilehook.WRAPPED:  # restored after the test: install wraps them in place
+        if hasattr(dist, name):
+            monkeypatch.setattr(dist, name, getattr(dist, name))
+    monkeypatch.setattr(PipelineEngine, "train_batch", PipelineEngine.train_batch)
+    monkeypatch.setattr(profilehook._State, "iteration", 0)
+    monkeypatch.setattr(profilehook._State, "rows", [])
+    monkeypatch.setattr(dist, "all_reduce", lambda t, group=None, async_op=False: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    boundary = {"now": False}
+    monkeypatch.setattr(DeepSpeedEngine, "forward", lambda self, x: dist.all_reduce(x))
+    monkeypatch.setattr(DeepSpeedEngine, "step", lambda self: None)
+    monkeypatch.setattr(DeepSpeedEngine, "is_gradient_accumulation_boundary", lambda self: boundary["now"])
+    monkeypatch.setenv(profilehook.ENV_ITER, "9")  # no torch.profiler pass in this test
+    profilehook.install(str(tmp_path), 0)
+    engine = object.__new__(DeepSpeedEngine)
+    for it in range(2):  # two iterations of two micro-batches; 3 and 5 elements reduced
+        for mb in range(2):
+            boundary["now"] = mb == 1
+            engine.forward(torch.zeros(3 + 2 * it))
+            engine.step()
+    import pandas as pd
+    its = pd.read_csv(tmp_path / "iterations-rank0.csv")
+    coll = pd.read_csv(tmp_path / "collectives-rank0.csv")
+    assert list(its["iteration"]) == [1, 2] and (its["end_ns"] >= its["start_ns"]).all()
+    assert coll.groupby("iteration")["elements"].apply(list).to_dict() == {1: [3, 3], 2: [5, 5]}
+    assert set(coll["op"]) == {"all_reduce"} and set(coll["group_size"]) == {2}

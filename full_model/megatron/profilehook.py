@@ -6,7 +6,8 @@ Off unless ``MICROBENCH_MDS_PROFILE`` names a directory; then :mod:`full_model.m
 calls :func:`install` before the framework starts, and every rank writes there (CSV/JSON,
 never pickle):
 
-* ``iterations-rank{R}.csv`` — each ``train_batch`` call: its start and end on the host's
+* ``iterations-rank{R}.csv`` — each iteration (the pipeline engine's ``train_batch``; without
+  it, from the first micro-batch's forward to the step at the accumulation boundary): its start and end on the host's
   monotonic clock (``time.perf_counter_ns``, one clock for every process of the host);
 * ``collectives-rank{R}.csv`` — each ``torch.distributed`` collective the framework calls
   (Megatron's TP regions, DeepSpeed's engine): the iteration, the op, elements, dtype, group
@@ -78,7 +79,8 @@ def _write_ops(prof, path: Path) -> None:
 
 
 def install(out_dir: str, rank: int) -> None:
-    """Wrap the collectives and the pipeline engine's ``train_batch`` of this rank."""
+    """Wrap the collectives and the iteration of this rank: the pipeline engine's
+    ``train_batch``, or without it the engine's micro-batches up to the boundary's ``step``."""
     import torch
     import torch.distributed as dist
     from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -93,26 +95,59 @@ def install(out_dir: str, rank: int) -> None:
     (out / f"meta-rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
          "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "profiled_iteration": which}))
+    state = {"prof": None, "t0": 0}
+
+    def begin() -> None:
+        _State.iteration += 1
+        state["t0"] = time.perf_counter_ns()
+        if _State.iteration == which:
+            from torch.profiler import ProfilerActivity, profile
+            state["prof"] = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+            state["prof"].__enter__()
+
+    def end() -> None:
+        it, t1 = _State.iteration, time.perf_counter_ns()
+        if state["prof"] is not None:
+            state["prof"].__exit__(None, None, None)
+        with open(its, "a") as f:
+            f.write(f"{it},{state['t0']},{t1},{int(it == which)}\n")
+        with open(coll, "a", newline="") as f:
+            csv.writer(f).writerows(_State.rows)
+        _State.rows.clear()
+        if state["prof"] is not None:
+            _write_ops(state["prof"], out / f"ops-rank{rank}.csv")
+            state["prof"] = None
+
     train_batch = PipelineEngine.train_batch
 
     @functools.wraps(train_batch)
     def traced(self, *a, **k):
-        _State.iteration += 1
-        it = _State.iteration
-        t0 = time.perf_counter_ns()
-        if it == which:
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                res = train_batch(self, *a, **k)
-        else:
-            res = train_batch(self, *a, **k)
-        t1 = time.perf_counter_ns()
-        with open(its, "a") as f:
-            f.write(f"{it},{t0},{t1},{int(it == which)}\n")
-        with open(coll, "a", newline="") as f:
-            csv.writer(f).writerows(_State.rows)
-        _State.rows.clear()
-        if it == which:
-            _write_ops(prof, out / f"ops-rank{rank}.csv")
-        return res
+        begin()
+        try:
+            return train_batch(self, *a, **k)
+        finally:
+            end()
     PipelineEngine.train_batch = traced
+
+    # Without the pipeline engine (ZeRO-2 runs with --no-pipeline-parallel) Megatron's
+    # train_step calls the engine's forward/backward/step once per micro-batch: an iteration
+    # begins at the first forward after a step at the accumulation boundary and ends there.
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    forward, step = DeepSpeedEngine.forward, DeepSpeedEngine.step
+
+    @functools.wraps(forward)
+    def traced_forward(self, *a, **k):
+        if not isinstance(self, PipelineEngine) and not state.get("open"):
+            state["open"] = True
+            begin()
+        return forward(self, *a, **k)
+
+    @functools.wraps(step)
+    def traced_step(self, *a, **k):
+        boundary = not isinstance(self, PipelineEngine) and self.is_gradient_accumulation_boundary()
+        res = step(self, *a, **k)
+        if boundary and state.get("open"):
+            state["open"] = False
+            end()
+        return res
+    DeepSpeedEngine.forward, DeepSpeedEngine.step = traced_forward, traced_step
