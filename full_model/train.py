@@ -91,6 +91,8 @@ def train_config(a: argparse.Namespace, *, world_size: int | None) -> TrainConfi
         base = preset_config(a)
         base = dataclasses.replace(base, model=scaled(base.model, a.scale, a.tp or 1))
     cfg = config_from_args(a, layout="world", world_size=world_size, base=base)
+    # this step's gradients live in flat buffers, reduced in place (full_model.reference.parallel)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, grad_sync="flat"))
     tp = cfg.parallel.tp
     if cfg.parallel.sequence_parallel and cfg.model.seq_len % tp:
         raise UsageError(f"--sequence-parallel shards the sequence: seq_len({cfg.model.seq_len}) % tp({tp}) ≠ 0")

@@ -58,7 +58,15 @@ def memop_shapes(cfg, *, scale: float = 1.0) -> list[dict[str, Any]]:
     return out
 
 
-def adamw_shape(cfg, *, scale: float = 1.0, max_params: int) -> dict[str, Any]:
+ADAM = ("fused", "torch")
+"""``fused``: torch's fused AdamW (foreach where the device has no fused kernel) over one flat
+buffer, as the reference step runs it; ``torch``: ``torch.optim.Adam`` with L2 weight decay in
+torch's default implementation for the device (one tensor at a time on a CPU), which is what
+Megatron-DeepSpeed's ``--optimizer adam`` builds without ``--ds-fused-adam``
+(``megatron/optimizer/__init__.py``) and DeepSpeed's ZeRO-1/2 step calls on each partition."""
+
+
+def adamw_shape(cfg, *, scale: float = 1.0, max_params: int, adam: str = "fused") -> dict[str, Any]:
     w = workload(cfg)
     params = scale_dim(w.optimizer_params, scale, "optimizer params")
     measured = min(params, max_params)
@@ -66,7 +74,7 @@ def adamw_shape(cfg, *, scale: float = 1.0, max_params: int) -> dict[str, Any]:
     return {"op": "adamw", "phase": "step", "params": params, "measured_params": measured, "elements": measured,
             "extrapolation": params / measured, "bytes_moved": measured * per,
             "bytes_step": params * per, "dtype": cfg.model.dtype,
-            "zero_stage": cfg.parallel.zero_stage, "dp_size": cfg.parallel.dp,
+            "zero_stage": cfg.parallel.zero_stage, "dp_size": cfg.parallel.dp, "adam": adam,
             "cold_cache": True}  # a step's optimizer runs after the backward has evicted its state
 
 
@@ -184,10 +192,14 @@ def adamw_work(f: dict[str, Any], *, seed: int, device) -> Work:
     master.grad = randn((n,), seed=seed + 1, dtype="fp32", device=device)
     weight = torch.empty(n, dtype=randn((1,), seed=0, dtype=f["dtype"], device="cpu").dtype, device=device)
     p0, g0 = master.detach()[:1024].double().clone(), master.grad[:1024].double().clone()
-    try:
-        opt = torch.optim.AdamW([master], lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True)
-    except RuntimeError:  # no fused kernel for this device: the multi-tensor path
-        opt = torch.optim.AdamW([master], lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, foreach=True)
+    l2 = f.get("adam") == "torch"
+    if l2:  # torch's own choice of implementation, as a framework that passes no flag gets
+        opt = torch.optim.Adam([master], lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    else:
+        try:
+            opt = torch.optim.AdamW([master], lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True)
+        except RuntimeError:  # no fused kernel for this device: the multi-tensor path
+            opt = torch.optim.AdamW([master], lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, foreach=True)
 
     def run() -> None:
         opt.step()
@@ -200,10 +212,13 @@ def adamw_work(f: dict[str, Any], *, seed: int, device) -> Work:
         flush.fill_(1)
 
     def check() -> tuple[int, int]:
-        """After one step from zero state: m̂ = g, v̂ = g², so p ← p(1 − lr·wd) − lr·g/(|g| + ε)."""
-        ref = p0 * (1 - LR * WEIGHT_DECAY) - LR * g0 / (g0.abs() + EPS)
+        """After one step from zero state: m̂ = g, v̂ = g², so p ← p(1 − lr·wd) − lr·g/(|g| + ε);
+        with L2 decay (``torch``) g ← g + wd·p first, and p ← p − lr·g/(|g| + ε)."""
+        g = g0 + WEIGHT_DECAY * p0 if l2 else g0
+        ref = (p0 if l2 else p0 * (1 - LR * WEIGHT_DECAY)) - LR * g / (g.abs() + EPS)
         k = ref.numel()
-        tol_master, tol_weight = adamw_tolerance(p0, ref, lr=LR, dtype=f["dtype"])
+        tol_master, tol_weight = adamw_tolerance(p0, ref, lr=LR, dtype=f["dtype"], eps=EPS,
+                                                 g_l2=(g0, WEIGHT_DECAY * p0) if l2 else None)
         wrong = count_outside(master.detach()[:k], ref, tol_master) + count_outside(weight[:k], ref, tol_weight)
         return wrong, 2 * k
     return Work(run, check, prepare=evict, result=lambda: [master.data, weight])
@@ -222,6 +237,9 @@ class LayerOps(ComputeProbe):
         super().add_args(p)
         p.add_argument("--adam-max-params", type=int, default=None,
                        help="largest AdamW chunk measured (default 2^28 on a GPU, 2^23 on a CPU)")
+        p.add_argument("--adam", choices=ADAM, default="fused",
+                       help="fused: torch's fused AdamW (the reference step's); torch: torch.optim.Adam as "
+                            "torch chooses, what Megatron-DeepSpeed's --optimizer adam runs (default fused)")
 
     def validate(self, args) -> None:
         super().validate(args)
@@ -245,7 +263,7 @@ class LayerOps(ComputeProbe):
             yield self.case(ctx, f"{s['op']}-{s['phase']}", kind="memop", **s)
         cap = ctx.args.adam_max_params or (1 << 23 if ctx.world.device_kind == "cpu" else 1 << 28)
         yield self.case(ctx, "adamw-step", kind="memop", **adamw_shape(ctx.cfg, scale=ctx.args.scale,
-                                                                       max_params=cap))
+                                                                       max_params=cap, adam=ctx.args.adam))
 
     def op_setup(self, ctx: Context, case: Case, *, seed: int) -> Work:
         work = adamw_work if case.fields["op"] == "adamw" else memop_work

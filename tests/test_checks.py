@@ -211,9 +211,11 @@ def test_cross_entropy_check_catches_exactly_the_hot_and_target_logits():
     assert work.check() == (16, 8 * 2688)
 
 
-def test_adamw_check_false_positives_and_1pct_detection():
-    """200 seeds of one step on 1,024 parameters: master (fp32) and weight (bf16) both checked."""
-    f = {**adamw_shape(ALCF_1T, max_params=1024), "dtype": "bf16"}
+@pytest.mark.parametrize("adam", ["fused", "torch"])
+def test_adamw_check_false_positives_and_1pct_detection(adam):
+    """200 seeds of one step on 1,024 parameters: master (fp32) and weight (bf16) both checked;
+    decoupled decay (fused AdamW) and L2 decay (torch.optim.Adam, the framework's)."""
+    f = {**adamw_shape(ALCF_1T, max_params=1024, adam=adam), "dtype": "bf16"}
     flagged, caught, checked = _seeds_and_099(f, adamw_work, 200)
     assert flagged == 0 and checked == 2048
     assert min(caught) >= 0.95 * checked

@@ -187,13 +187,17 @@ def run_entry(tmp_path, script: str) -> subprocess.CompletedProcess:
 def test_a_rank_that_fails_early_ends_the_job_instead_of_waiting_in_mpi_finalize(tmp_path):
     """Under mpiexec a rank whose entry point raises must end the job: left to Python's exit,
     mpi4py's MPI_Finalize waits for the other rank, which waits for it (the grid of 2026-12-02
-    lost 13 minutes to a rank-0 EADDRINUSE that way). The other rank here sleeps 600 s."""
+    lost 13 minutes to a rank-0 EADDRINUSE that way). The other rank here sleeps 600 s. No
+    rank reaches MPI_Finalize, so the failing rank unlinks MPICH's node segment itself (before,
+    every such job left one in /dev/shm: RAM)."""
+    before = set(Path("/dev/shm").glob("mpich_shm_*"))
     res = run_entry(tmp_path, "import time\nfrom mpi4py import MPI\n"
                               "if MPI.COMM_WORLD.Get_rank() == 0:\n    raise RuntimeError('the rendezvous port is taken (test)')\n"
                               "time.sleep(600)\n")
     assert res.returncode != 0
     assert "the rendezvous port is taken (test)" in res.stderr
     assert "full_model.megatron.rank: rank 0 failed; ending it now" in res.stderr
+    assert set(Path("/dev/shm").glob("mpich_shm_*")) - before == set()
 
 
 @needs_framework

@@ -163,7 +163,7 @@ def plan_config(text: str, cfg: TrainConfig, *, out: Path, done: dict[tuple, lis
     (``reuse``: complete run directories under ``out`` are kept, not measured again)."""
     print(f"# {text}: probes on {cfg.parallel.world_size} rank(s)", file=sys.stderr, flush=True)
     dirs = measure_probes(cfg, text=text, out=out, done=done, timeout=timeout, compute_iters=compute_iters,
-                          reuse=reuse)
+                          reuse=reuse, adam=FRAMEWORK_ADAM)
     narrow = measure_narrow_gemms(cfg, out=out / "probes" / f"gemm-narrow-{text}", timeout=timeout,
                                   compute_iters=compute_iters)
     return Planned(text, cfg, dirs, narrow)
@@ -203,7 +203,8 @@ def run_planned(pl: Planned, *, source: Path, runs: int, iters: int, warmup: int
             # layer and micro-batch half an hour apart), so each run is priced by probes
             # measured next to it, and the comparison is of medians over runs.
             fresh = measure_probes(cfg, text=text, out=out / f"run{r}-{text}", done={}, timeout=timeout,
-                                   compute_iters=compute_iters, compute_only=True, reuse=reuse)
+                                   compute_iters=compute_iters, compute_only=True, reuse=reuse,
+                                   adam=FRAMEWORK_ADAM)
             kept = [d for d in pl.dirs if d.name.split("-")[0] not in PROBES]
             run_profile = MeasuredProfile.from_rows(load([*kept, *fresh]), fallback=fallback,
                                                     name=f"measured-megatron-{text}-run{r}")
@@ -226,6 +227,12 @@ def run_planned(pl: Planned, *, source: Path, runs: int, iters: int, warmup: int
                         reference_s=reference_s, framework_detail=fw_detail,
                         predicted_runs_s=[x[0].step_time_s for x in per_run])
 
+
+FRAMEWORK_ADAM = "torch"
+"""The optimizer the launched framework steps: its jobs pass ``--optimizer adam`` by default and
+no ``--ds-fused-adam`` (full_model/megatron/jobscript.py), so Megatron-DeepSpeed builds
+``torch.optim.Adam`` (megatron/optimizer/__init__.py) and DeepSpeed calls it on each ZeRO
+partition; ``microbench.layer_ops --adam torch`` measures that, not the fused AdamW."""
 
 FRAMEWORK_ATTENTION = ("set by the Megatron-DeepSpeed cross-check, whatever the file says: its runs pass no "
                        "--use-flash-attn* flag (full_model/megatron/jobscript.py), so ParallelAttention runs "

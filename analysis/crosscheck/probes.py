@@ -111,14 +111,16 @@ def collective_kinds(cfg: TrainConfig) -> tuple[str, ...]:
 
 def measure_probes(cfg: TrainConfig, *, text: str, out: Path, done: dict[tuple, list[Path]], timeout: float,
                    compute_iters: tuple[int, int] | None = None, compute_only: bool = False,
-                   deadline: float | None = None, extra: Sequence[str] = (), reuse: bool = False) -> list[Path]:
+                   deadline: float | None = None, extra: Sequence[str] = (), reuse: bool = False,
+                   adam: str = "fused") -> list[Path]:
     """The probes at a run's exact shapes and rank count (so the cores are as busy as in the
     step): the compute probes, a size sweep of every collective kind the step has, the
     pipeline send/recv at the step's shape. ``done`` caches run directories across layouts
     and configurations that share them. ``compute_iters`` = (iterations, warm-up) of the
     compute probes (default: theirs); ``compute_only``: the compute probes alone; ``deadline``:
     no command runs past it (see :func:`run_command`); ``extra``: flags every probe gets
-    (``--device cuda``, ``--timeout-s``); ``reuse``: a complete run directory is kept, not measured again."""
+    (``--device cuda``, ``--timeout-s``); ``reuse``: a complete run directory is kept, not measured again;
+    ``adam``: the optimizer implementation the measured step runs (``microbench.layer_ops --adam``)."""
     p = cfg.parallel
     flags, world = [*probe_flags(cfg), *extra], p.world_size
     dirs: list[Path] = []
@@ -129,10 +131,11 @@ def measure_probes(cfg: TrainConfig, *, text: str, out: Path, done: dict[tuple, 
                     deadline=deadline, reuse=reuse)
 
     for probe in PROBES:
-        key = (probe, world, *flags)  # the shapes, and contention on the rank count
+        own = ["--adam", adam] if probe == "layer_ops" and adam != "fused" else []
+        key = (probe, world, *flags, *own)  # the shapes, and contention on the rank count
         if key not in done:
             d = out / "probes" / f"{probe}-{text}"
-            measure(d, f"microbench.{probe}", *flags, *its, "--ranks", str(world), "--quiet")
+            measure(d, f"microbench.{probe}", *flags, *own, *its, "--ranks", str(world), "--quiet")
             done[key] = [d]
         dirs += done[key]
     for coll in () if compute_only or world == 1 else collective_kinds(cfg):

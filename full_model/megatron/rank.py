@@ -191,6 +191,14 @@ def _die(e: BaseException) -> None:
     code = code if isinstance(code, int) and code else 1
     mpi = sys.modules.get("mpi4py.MPI")  # ezpz initialised MPI: MPI_Abort has the launcher end every rank
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        # no rank of this job reaches MPI_Finalize, which unlinks MPICH's node segment: unlink it
+        # now (every local rank mapped it in MPI_Init, and a mapping outlives its name)
+        from microbench.runtime.watchdog import mapped_segments
+        for path in mapped_segments("self"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         mpi.COMM_WORLD.Abort(code)
     os._exit(code)
 

@@ -134,6 +134,14 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage (0 = plain DP allreduce; 1 = optimizer state sharded)."""
     grad_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
     """Dtype of accumulated gradients and hence of the DP gradient reduction."""
+    grad_sync: Literal["deepspeed", "flat"] = "deepspeed"
+    """How the gradients reach the DP reduction. ``deepspeed`` (Megatron-DeepSpeed, the
+    benchmark's framework): the engine (ZeRO-0) and the ZeRO-1/2 optimizer copy the gradients
+    into a bucket, scale it, flatten it and allreduce it — ZeRO-1/2 too
+    (``zero_optimization.use_multi_rank_bucket_allreduce``, default true), each rank keeping
+    its slice — then copy back (``deepspeed/runtime/zero/stage_1_and_2.py``). ``flat``: the
+    gradients live in flat buffers that are reduced in place and reduce-scattered under ZeRO
+    (the project's reference step, ``full_model.reference.parallel``)."""
     ranks_per_node: int = 0
     """Ranks per node, for deciding whether a group crosses nodes (0 = unknown/all on one)."""
 
@@ -145,6 +153,8 @@ class ParallelConfig:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if self.grad_dtype not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"grad_dtype must be bf16, fp16 or fp32, got {self.grad_dtype!r}")
+        if self.grad_sync not in ("deepspeed", "flat"):
+            raise ValueError(f"grad_sync must be deepspeed or flat, got {self.grad_sync!r}")
         if self.ranks_per_node < 0:
             raise ValueError(f"ranks_per_node must be ≥ 0, got {self.ranks_per_node}")
         per_step = self.micro_batch * self.dp

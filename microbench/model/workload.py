@@ -176,14 +176,13 @@ class Workload:
     """Last stage only, per micro-batch: the LM head, final norm (and its backward),
     cross-entropy, the TP reduction of the head's input gradient."""
     step: tuple
-    """Once per step: the DP gradient sync with its multiplicity (ZeRO-2 reduce-scatters in
-    every micro-batch, ZeRO-3 gathers twice per micro-batch) and the optimizer."""
+    """Once per step: the DP sync, DeepSpeed's gradient copies, the optimizer (:func:`_step`)."""
     head_gemms: tuple[Gemm, ...]
     """The LM head's GEMMs (what the GEMM probe measures; priced through ``last``)."""
     head_memops: tuple[MemOp, ...]
     """The stage extras' memory-bound ops a probe measures (forward)."""
     dp: tuple[Collective, ...]
-    """DP gradient sync of one step (allreduce, or ZeRO reduce-scatter + allgather), once."""
+    """DP gradient sync of one step (the reduction and the ZeRO allgather), once each."""
     dp_grad_bytes: int
     optimizer_params: int
     """Parameters this rank's optimizer updates (÷ dp under ZeRO ≥ 1)."""
@@ -404,28 +403,28 @@ def _last(head_gemms: tuple[Gemm, ...], head_memops: tuple[MemOp, ...], collecti
 
 
 def _step(cfg: TrainConfig, stage: int) -> tuple[tuple[Collective, ...], tuple, MemOp]:
-    """The DP gradient sync once (what the DP probe measures), the step's operations with their
-    multiplicity, and the optimizer. ZeRO-2/3 reduce-scatter the gradients in every
-    micro-batch's backward (DeepSpeed's partitioned gradients cannot accumulate unreduced);
-    ZeRO-3 gathers the parameters in every forward and backward."""
-    p, dt = cfg.parallel, cfg.model.dtype
-    params = cfg.stage_params(stage)
-    dp: tuple[Collective, ...] = ()
+    """The DP sync once (what the DP probe measures), the step's ops, the optimizer. DeepSpeed (:attr:`ParallelConfig.grad_sync`) allreduces each flattened
+    bucket, ZeRO-1/2 too, with full passes over the gradient around it: ZeRO-0 flattens, scales
+    and copies back (3); ZeRO-1/2 copy into the bucket, scale, flatten (3), and copy the rank's
+    slice back and into its partition (2 of 1/dp). ZeRO-1 reduces at the boundary, ZeRO-2 in
+    every micro-batch; ZeRO-3 reduce-scatters in every micro-batch and gathers the parameters
+    in every forward and backward; flat buffers reduce in place (reduce-scatter under ZeRO)."""
+    p, dt, params, mb = cfg.parallel, cfg.model.dtype, cfg.stage_params(stage), cfg.parallel.num_microbatches
+    reductions, ops, dp = mb if p.zero_stage >= 2 else 1, (), ()
     if p.dp > 1:
-        if p.zero_stage >= 1:
-            dp = (Collective("dp_reduce_scatter", "reduce_scatter", "dp", params, p.grad_dtype,
-                             1, "step", p.dp, overlappable=True),
-                  Collective("dp_allgather", "allgather", "dp", params, dt, 1, "step", p.dp))
-        else:
-            dp = (Collective("dp_allreduce", "allreduce", "dp", params, p.grad_dtype, 1,
-                             "step", p.dp, overlappable=True),)
-    mb = p.num_microbatches
-    counts = {"reduce_scatter": mb if p.zero_stage >= 2 else 1, "allgather": 2 * mb if p.zero_stage >= 3 else 1,
-              "allreduce": 1}
-    step = tuple(dataclasses.replace(c, count=counts[c.kind]) for c in dp)
+        deepspeed = p.grad_sync == "deepspeed" and p.zero_stage <= 2
+        kind = "allreduce" if deepspeed or p.zero_stage == 0 else "reduce_scatter"
+        reduce = Collective(f"dp_{kind}", kind, "dp", params, p.grad_dtype, 1, "step", p.dp, overlappable=True)
+        gather = (Collective("dp_allgather", "allgather", "dp", params, dt, 1, "step", p.dp),) if p.zero_stage else ()
+        dp = (reduce, *gather)
+        ops = (dataclasses.replace(reduce, count=reductions),
+               *(dataclasses.replace(g, count=2 * mb if p.zero_stage >= 3 else 1) for g in gather))
+        for n, passes in ((params, 3 * reductions), (params // p.dp, 2 * reductions if p.zero_stage else 0)):
+            if deepspeed and passes:  # the full gradient's passes; ZeRO-1/2's over the rank's slice
+                ops += (MemOp("copy", "step", n, 2 * n * dtype_bytes(p.grad_dtype), p.grad_dtype, passes, inner=n),)
     opt_params = params // p.dp if p.zero_stage >= 1 else params
     opt = MemOp("adamw", "step", opt_params, opt_params * adam_bytes_per_param(dt), "fp32", inner=opt_params)
-    return dp, step + (opt,), opt
+    return dp, ops + (opt,), opt
 
 
 HOST_WIDTH = dict(hidden=64, num_heads=4, ffn_hidden=256, seq_len=64)

@@ -212,7 +212,7 @@ def start(run_dir: Path, *, rank: int, hostnames: Sequence[str], pids: Sequence[
     # stderr inherited and held until it concludes: the launcher returns after the run is closed;
     # stdout: one line, "watching", once it watches every rank
     proc = subprocess.Popen([sys.executable, "-m", "microbench.runtime.watchdog", str(Path(run_dir).resolve()), host,
-                             *(f"{r}:{pids[r]}" for r in local), *(f"shm={p}" for p in sorted(_mapped("self")))],
+                             *(f"{r}:{pids[r]}" for r in local), *(f"shm={p}" for p in sorted(mapped_segments("self")))],
                             env=env, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             close_fds=True)
     try:
@@ -234,11 +234,12 @@ def mpi_segments(pids: Sequence[int]) -> set[str]:
     the ranks have passed ``MPI_Init``)."""
     found: set[str] = set()
     for pid in pids:
-        found |= _mapped(pid)
+        found |= mapped_segments(pid)
     return found
 
 
-def _mapped(pid: int | str) -> set[str]:
+def mapped_segments(pid: int | str) -> set[str]:
+    """The MPICH segments process ``pid`` (or ``"self"``) maps and that still have a name."""
     try:
         with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
             fields = (line.rstrip("\n").split(maxsplit=5) for line in f if SEGMENT_PREFIX in line)
@@ -256,7 +257,7 @@ def remove_orphan_segments(paths: set[str]) -> list[str]:
     in_use: set[str] = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            in_use |= _mapped(entry)
+            in_use |= mapped_segments(entry)
     removed = []
     for p in left:
         if p in in_use:
