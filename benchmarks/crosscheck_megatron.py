@@ -56,6 +56,8 @@ def grid_parser() -> ArgumentParser:
                          "one is priced again by this checkout without measuring")
     ap.add_argument("--system", default="aurora", help="spec for what no probe measures (default %(default)s)")
     ap.add_argument("--timeout-s", type=float, default=1800.0, help="limit of each framework run and probe")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="probe/framework pairs of every configuration (default: the grid file's)")
     ap.add_argument("--probe-iters", type=int, default=30, help="iterations of each compute probe case")
     ap.add_argument("--probe-warmup", type=int, default=5, help="warm-up iterations of each compute probe case")
     return ap
@@ -67,6 +69,9 @@ def main(argv: list[str]) -> int:
         a = grid_parser().parse_args(argv)
         if a.only and a.ci:
             print("error: benchmarks.crosscheck_megatron: --only and --ci: give one", file=sys.stderr)
+            return 2
+        if a.runs is not None and a.runs < 1:
+            print(f"error: benchmarks.crosscheck_megatron: --runs {a.runs}: need ≥ 1", file=sys.stderr)
             return 2
         if a.probe_iters < 1 or a.probe_warmup < 0 or not 0 < a.timeout_s < float("inf"):
             print(f"error: benchmarks.crosscheck_megatron: --probe-iters {a.probe_iters} --probe-warmup "

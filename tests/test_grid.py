@@ -67,6 +67,14 @@ def test_a_bad_grid_is_refused_in_one_line_before_anything_runs(tmp_path, body, 
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_runs_below_one_is_refused_in_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "benchmarks.crosscheck_megatron", "--grid", str(GRID), "--runs", "0",
+                          "--csv", str(tmp_path / "o.csv")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: benchmarks.crosscheck_megatron: --runs 0: need ≥ 1"]
+    assert not (tmp_path / "o.csv").exists()
+
+
 def test_only_names_a_configuration_of_the_grid(tmp_path):
     res = subprocess.run([sys.executable, "-m", "benchmarks.crosscheck_megatron", "--grid", str(GRID), "--only",
                           "nosuch", "--csv", str(tmp_path / "o.csv")], capture_output=True, text=True, timeout=120,
