@@ -18,7 +18,8 @@ Input CSV, two layouts:
 * the project's own: ``layers, hidden, heads, ffn, seq, vocab, tp, pp, dp, mbs, gbs`` and
   ``step_time_s`` (or ``elapsed_ms``, the column of ``full_model.megatron.logparse``'s iterations);
   optional ``kv_heads, gated, dropout, tied, norm, dtype, grad_dtype, recompute, zero,
-  sequence_parallel, interleave``.
+  sequence_parallel, interleave, grad_sync`` (``deepspeed``, the default, or ``flat``:
+  :class:`~microbench.model.config.ParallelConfig`).
 
 The fit: ``scipy.optimize.least_squares`` on log(predicted/measured), bounded by physical
 limits, with a Cauchy loss of scale 0.05 (``--loss``). The loss is redescending because the
@@ -184,9 +185,11 @@ def _vtrain_case(r: _Row, *, ranks_per_node: int) -> Observation:
                         ffn_hidden=4 * h, gated_mlp=False, seq_len=r.num("sequence length"),
                         vocab_size=_pad_vocab(VTRAIN_VOCAB, tp), norm="layernorm", dtype="fp16",
                         tied_embeddings=True, dropout=True)
+    # Megatron's local DDP: gradients accumulate in one contiguous buffer, allreduced in place
+    # (no DeepSpeed engine copies), as these runs have been modelled since issue 19
     par = ParallelConfig(tp=tp, pp=r.num("pipeline parallelism"), dp=r.num("data parallelism"),
                          micro_batch=r.num("micro batch"), global_batch=r.num("global batch"),
-                         recompute="full", grad_dtype="fp16", ranks_per_node=ranks_per_node)
+                         recompute="full", grad_dtype="fp16", grad_sync="flat", ranks_per_node=ranks_per_node)
     label = f"{r.num('Parameters (billion)', float):g}B" if r.has("Parameters (billion)") else _size_label(model)
     return Observation(TrainConfig(model=model, parallel=par), r.num("iteration time (ms)", float) / 1e3, label,
                 p2p_scatter_gather=True)
@@ -204,6 +207,7 @@ def _own_case(r: _Row, *, ranks_per_node: int) -> Observation:
                          recompute=r.text("recompute", "full"),  # type: ignore[arg-type]
                          zero_stage=r.num("zero", default=0) if r.has("zero") else 0,
                          grad_dtype=r.text("grad_dtype", "fp32"),  # type: ignore[arg-type]
+                         grad_sync=r.text("grad_sync", "deepspeed"),  # type: ignore[arg-type]
                          sequence_parallel=r.flag("sequence_parallel", False), ranks_per_node=ranks_per_node)
     t = r.num("step_time_s", float) if r.has("step_time_s") or not r.has("elapsed_ms") \
         else r.num("elapsed_ms", float) / 1e3

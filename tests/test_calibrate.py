@@ -142,6 +142,29 @@ def test_bad_csv_is_one_line_naming_file_line_and_column(tmp_path, capsys):
     assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 2
     assert "'step_time_s'" in capsys.readouterr().err
     assert main(["--system", "dgx-a100-80gb", "--data", str(tmp_path / "none.csv")]) == 2
+    assert "none.csv' not found" in capsys.readouterr().err
+    _write_project_csv(path)
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join([rows[0] + ",grad_sync", rows[1] + ",flat", rows[2] + ",nccl"]) + "\n")
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}:3" in err and "grad_sync must be deepspeed or flat, got 'nccl'" in err
+
+
+def test_vtrain_runs_are_megatron_local_ddp_and_the_project_format_says_which(tmp_path):
+    """vTrain's Megatron runs reduce one contiguous gradient buffer in place (no DeepSpeed
+    engine copies); the project's CSV defaults to DeepSpeed and takes a ``grad_sync`` column."""
+    path = tmp_path / "runs.csv"
+    _write_project_csv(path)
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join([rows[0] + ",grad_sync", rows[1] + ",flat", rows[2] + ","]) + "\n")
+    assert [c.cfg.parallel.grad_sync for c in read_cases(path)] == ["flat", "deepspeed"]
+    vt = tmp_path / "vtrain.csv"
+    vt.write_text("Parameters (billion),# GPUs,global batch,micro batch,hidden size,attention heads,# layers,"
+                  "sequence length,tensor parallelism,data parallelism,pipeline parallelism,iteration time (ms)\n"
+                  "3.6,64,512,8,3072,32,30,2048,1,64,1,3566.5\n")
+    (case,) = read_cases(vt)
+    assert case.cfg.parallel.grad_sync == "flat" and case.cfg.parallel.dp == 64
 
 
 # ---------------------------------------------------------------------------------------------
