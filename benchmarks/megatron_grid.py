@@ -6,7 +6,6 @@ table made from the CSV (``--table``). The grid file's format: :mod:`analysis.cr
 from __future__ import annotations
 
 import dataclasses
-
 import datetime as _dt
 import importlib.metadata
 import json
@@ -178,7 +177,7 @@ def main_grid(a: Any, argv: Sequence[str]) -> int:
     from full_model.megatron.setup import SetupError, resolve_source
     from microbench.runtime.results import default_out_dir
     grid = read_grid(a.grid)
-    if getattr(a, "runs", None):
+    if a.runs:
         grid = dataclasses.replace(grid, configs=tuple(dataclasses.replace(c, runs=a.runs) for c in grid.configs))
     try:
         SpecProfile.from_yaml(a.system)

@@ -7,8 +7,9 @@ calls :func:`install` before the framework starts, and every rank writes there (
 never pickle):
 
 * ``iterations-rank{R}.csv`` — each iteration (the pipeline engine's ``train_batch``; without
-  it, from the first micro-batch's forward to the step at the accumulation boundary): its start and end on the host's
-  monotonic clock (``time.perf_counter_ns``, one clock for every process of the host);
+  it, from the first micro-batch's forward to the step at the accumulation boundary): its
+  start and end on the host's monotonic clock (``time.perf_counter_ns``, one clock for every
+  process of the host);
 * ``collectives-rank{R}.csv`` — each ``torch.distributed`` collective the framework calls
   (Megatron's TP regions, DeepSpeed's engine): the iteration, the op, elements, dtype, group
   size, and the call's entry and exit on the same clock. Matching the k-th call of a group
@@ -95,7 +96,7 @@ def install(out_dir: str, rank: int) -> None:
     (out / f"meta-rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
          "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "profiled_iteration": which}))
-    state = {"prof": None, "t0": 0}
+    state = {"prof": None, "t0": 0, "open": False}  # open: a non-pipeline iteration has begun
 
     def begin() -> None:
         _State.iteration += 1
@@ -137,7 +138,7 @@ def install(out_dir: str, rank: int) -> None:
 
     @functools.wraps(forward)
     def traced_forward(self, *a, **k):
-        if not isinstance(self, PipelineEngine) and not state.get("open"):
+        if not isinstance(self, PipelineEngine) and not state["open"]:
             state["open"] = True
             begin()
         return forward(self, *a, **k)
@@ -146,7 +147,7 @@ def install(out_dir: str, rank: int) -> None:
     def traced_step(self, *a, **k):
         boundary = not isinstance(self, PipelineEngine) and self.is_gradient_accumulation_boundary()
         res = step(self, *a, **k)
-        if boundary and state.get("open"):
+        if boundary and state["open"]:
             state["open"] = False
             end()
         return res

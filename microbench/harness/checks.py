@@ -440,15 +440,9 @@ def adamw_tolerance(p0, ref, *, lr: float, dtype: str, g_l2=None, eps: float = 1
     p ← p(1 − lr·wd) − lr·g/(|g| + ε): the fp32 step makes ≈ 2 roundings on p(1 − lr·wd) and
     ≈ 8 on the update (m, v, bias corrections, sqrt, ε, the division; each relative u_acc),
     bounded with a factor 2 to spare, plus the final rounding; the weight is the master rounded
-    to the dtype. A master scaled by 0.99 is caught wherever |p| ≫ 2^-24·(|p| + lr)."""
-    u_acc = accumulation_roundoff("fp32")
-    bound = 4 * u_acc * p0.abs() + 16 * u_acc * lr
-    if g_l2 is not None:
-        # L2 decay (torch.optim.Adam): g' = g + wd·p carries an absolute rounding δ ≈ u·(|g| + wd·|p|),
-        # and the update lr·g'/(|g'| + ε) moves by lr·δ·ε/(|g'| + ε)²: large only where g and wd·p
-        # cancel to near ε (ill-conditioned, not wrong); never more than the update's 2·lr span
-        g, wd_p = g_l2
-        delta = 4 * u_acc * (g.abs() + wd_p.abs())
-        bound = bound + (2 * lr * delta * eps / ((g + wd_p).abs() + eps) ** 2).clamp(max=2 * lr)
-    master = rounded(ref, bound, "fp32")
+    to the dtype. A master scaled by 0.99 is caught wherever |p| ≫ 2^-24·(|p| + lr). L2 decay
+    (``g_l2`` = (g, wd·p)): g + wd·p's rounding δ moves the update by lr·δ·ε/(|g'| + ε)², ≤ 2·lr."""
+    u_acc, (g, wd_p) = accumulation_roundoff("fp32"), g_l2 if g_l2 is not None else (0 * p0, 0 * p0)
+    l2 = 2 * lr * 4 * u_acc * (g.abs() + wd_p.abs()) * eps / ((g + wd_p).abs() + eps) ** 2
+    master = rounded(ref, 4 * u_acc * p0.abs() + 16 * u_acc * lr + l2.clamp(max=2 * lr), "fp32")
     return master, rounded(ref, master, dtype)

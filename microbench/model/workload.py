@@ -403,12 +403,12 @@ def _last(head_gemms: tuple[Gemm, ...], head_memops: tuple[MemOp, ...], collecti
 
 
 def _step(cfg: TrainConfig, stage: int) -> tuple[tuple[Collective, ...], tuple, MemOp]:
-    """The DP sync once (what the DP probe measures), the step's ops, the optimizer. DeepSpeed (:attr:`ParallelConfig.grad_sync`) allreduces each flattened
-    bucket, ZeRO-1/2 too, with full passes over the gradient around it: ZeRO-0 flattens, scales
-    and copies back (3); ZeRO-1/2 copy into the bucket, scale, flatten (3), and copy the rank's
-    slice back and into its partition (2 of 1/dp). ZeRO-1 reduces at the boundary, ZeRO-2 in
-    every micro-batch; ZeRO-3 reduce-scatters in every micro-batch and gathers the parameters
-    in every forward and backward; flat buffers reduce in place (reduce-scatter under ZeRO)."""
+    """The DP sync once (what the DP probe measures), the step's ops, the optimizer. DeepSpeed
+    (``grad_sync``) allreduces each flattened bucket, ZeRO-1/2 too, with full passes over the
+    gradient: ZeRO-0 flattens, scales, copies back (3); ZeRO-1/2 copy into the bucket, scale,
+    flatten (3), copy the rank's slice back and into its partition (2 of 1/dp). ZeRO-1 reduces
+    at the boundary, ZeRO-2 in every micro-batch; ZeRO-3 reduce-scatters in every micro-batch,
+    gathers in every forward and backward; flat buffers reduce in place (ZeRO: reduce-scatter)."""
     p, dt, params, mb = cfg.parallel, cfg.model.dtype, cfg.stage_params(stage), cfg.parallel.num_microbatches
     reductions, ops, dp = mb if p.zero_stage >= 2 else 1, (), ()
     if p.dp > 1:
