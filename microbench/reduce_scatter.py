@@ -1,5 +1,5 @@
 """Reduce-scatter probe: Megatron's sequence-parallel scatter of [mbs·s, d] over TP, the
-ZeRO-1 gradient reduce-scatter of one DP bucket, or an nccl-tests size sweep.
+ZeRO-1 gradient reduce-scatter of one DP bucket (flat buffers), or an nccl-tests size sweep.
 
     mpiexec -n 2 python -m microbench.reduce_scatter -b 1K -e 16M -f 4
     mpiexec -n 4 python -m microbench.reduce_scatter --model alcf-1t --tp 2 --dp 2            # tp_reduce_scatter

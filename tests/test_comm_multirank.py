@@ -56,8 +56,12 @@ def test_dp_sync_step_with_its_extrapolation(tmp_path, zero):
     f = extra["extrapolation_factor"]
     assert f == pytest.approx(TINY_PARAMS / (131072 * extra["num_buckets_measured"]))
     assert step.time_us == pytest.approx(measured.time_us * f) and step.extrapolated
-    # ZeRO-1 (reduce-scatter + allgather, same dtype here) moves an allreduce's bus bytes
-    assert step.bus_bytes == pytest.approx(TINY_PARAMS * 4 * 2 * 1 / 2)
+    # n = 2: an allreduce's links carry 2(n-1)/n = 1 gradient; DeepSpeed's ZeRO-1 allreduces
+    # too, then allgathers the updated parameters (fp32 here): (n-1)/n = 1/2 more
+    assert step.bus_bytes == pytest.approx(TINY_PARAMS * 4 * (1.0 if zero == "0" else 1.5))
+    assert list(df[df.op != "dp_sync_measured"].op.drop_duplicates()) == (
+        ["dp_allreduce", "dp_sync_step"] if zero == "0" else
+        ["dp_allreduce", "dp_allgather", "dp_sync_step"])
     assert (df.num_wrong.fillna(0) == 0).all()
 
 

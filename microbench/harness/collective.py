@@ -274,8 +274,9 @@ def dp_bucket_elements(ctx: Context, bucket_mb: float | None, dtype: str) -> int
     return max(1, int(bucket_mb * (1 << 20)) // dtype_bytes(dtype))
 
 
-def dp_collectives(ctx: Context, *, zero: int | None = None):
-    """The workload's DP sync of one step (allreduce, or ZeRO-1 reduce-scatter + allgather).
+def dp_collectives(ctx: Context, *, zero: int | None = None, grad_sync: str | None = None):
+    """The workload's DP sync of one step (allreduce, or ZeRO-1's reduction + allgather;
+    ``grad_sync="flat"`` for the reduce-scatter of flat buffers instead of DeepSpeed's).
 
     ``--grad-tp/--grad-pp`` (where a probe has them) size the gradient as the shard of that
     TP × PP layout — e.g. the target's — while the sync runs on this world's DP groups."""
@@ -289,6 +290,8 @@ def dp_collectives(ctx: Context, *, zero: int | None = None):
             raise UsageError(f"--grad-tp {gtp} --grad-pp {gpp}: {e}") from None
     if zero is not None and zero != min(cfg.parallel.zero_stage, 1):
         cfg = with_layout(cfg, zero_stage=zero)
+    if grad_sync is not None:
+        cfg = with_layout(cfg, grad_sync=grad_sync)
     w = workload(cfg)
     if not w.dp:
         raise UsageError(f"the layout has dp = {cfg.parallel.dp}: no DP gradient sync to measure "
@@ -311,7 +314,9 @@ def sp_elements(ctx: Context, kind: str) -> tuple[str, int]:
 
 class ShardedCollectiveProbe(CollectiveProbe):
     """Allgather and reduce-scatter: S splits n ways; with a model they are either the
-    sequence-parallel pair over TP, or (``--axis dp``) one ZeRO-1 bucket of the DP sync."""
+    sequence-parallel pair over TP, or (``--axis dp``) one ZeRO-1 bucket of the DP sync: the
+    reduce-scatter of flat buffers (DeepSpeed's ZeRO-1/2 allreduce instead; dp_allreduce
+    measures the sync as the workload's ``grad_sync`` says) or the parameters' allgather."""
 
     def add_args(self, p: argparse.ArgumentParser) -> None:
         super().add_args(p)
@@ -323,6 +328,7 @@ class ShardedCollectiveProbe(CollectiveProbe):
 
     def model_elements(self, ctx: Context) -> tuple:
         if self.axis(ctx) == "dp":  # ZeRO-1: this kind's half of the DP sync, one bucket of it
-            op = next(c for c in dp_collectives(ctx, zero=1).dp if c.kind == self.kind)
+            op = next(c for c in dp_collectives(ctx, zero=1, grad_sync="flat").dp
+                      if c.kind == self.kind)
             return op.name, min(op.elements, dp_bucket_elements(ctx, ctx.args.bucket_mb, op.dtype)), op.dtype
         return sp_elements(ctx, self.kind)
