@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.crosscheck.grid import (beyond_noise, bootstrap_interval, error_pct, noise_floor_pct, read_grid,
-                                      summary)
+from analysis.crosscheck.grid import (beyond_noise, bootstrap_interval, error_pct, median_components,
+                                      noise_floor_pct, read_grid, summary)
 from benchmarks.megatron_grid import COLUMNS, markdown_table, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +93,19 @@ def test_error_and_its_bootstrap_interval_on_hand_made_pairs():
     assert lo == pytest.approx(0.0) and hi == pytest.approx(20.0)
     with pytest.raises(ValueError):
         bootstrap_interval([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize("runs, expect", [
+    ([3.0, 1.0, 2.0], {"gemm": 1.5, "optimizer": 0.5}),   # odd: the median run's own components
+    ([4.0, 1.0, 2.0, 3.0], {"gemm": 2.0, "optimizer": 0.5})])  # even: the two middle runs' mean
+def test_the_csv_components_add_up_to_the_median_prediction(runs, expect):
+    from types import SimpleNamespace
+    # run k's prediction: gemm = total − 0.5, optimizer 0.5 (the components add up to the total)
+    bds = [{"gemm": t - 0.5, "optimizer": 0.5} for t in runs]
+    fr = SimpleNamespace(predicted_runs_s=runs, predicted_breakdowns_s=bds, comparison=None)
+    got = median_components(fr)
+    assert {k: v for k, v in got.items() if v} == pytest.approx(expect)
+    assert sum(got.values()) == pytest.approx(float(pd.Series(runs).median()))
 
 
 def _row(config, err, lo, hi, status="ok"):

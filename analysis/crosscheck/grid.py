@@ -214,6 +214,16 @@ def layout_text(cfg: TrainConfig) -> str:
     return "".join(f"{k}{v}" for k, v in (("tp", p.tp), ("pp", p.pp), ("dp", p.dp)) if v > 1) or "tp1"
 
 
+def median_components(fr: Any) -> dict[str, float]:
+    """The components of the median prediction, so that they add up to ``predicted_ms``: the
+    median run's, or with an even number of runs the mean of the two middle runs'."""
+    runs = fr.predicted_breakdowns_s or [fr.comparison.prediction.breakdown_s]
+    pred = fr.predicted_runs_s if len(fr.predicted_runs_s) == len(runs) else [sum(b.values()) for b in runs]
+    order = sorted(range(len(runs)), key=lambda i: pred[i])
+    mid = [order[(len(runs) - 1) // 2], order[len(runs) // 2]]
+    return {k: sum(runs[i].get(k, 0.0) for i in mid) / 2 for k in STEP_COMPONENTS}
+
+
 def result_row(label: str, gc: GridConfig, fr: Any) -> dict[str, Any]:
     """One configuration's CSV row from its :class:`~analysis.crosscheck.megatron.FrameworkRow`."""
     c = fr.comparison
@@ -228,7 +238,7 @@ def result_row(label: str, gc: GridConfig, fr: Any) -> dict[str, Any]:
         "error_pct": error_pct(pred, meas), "error_lo_pct": lo, "error_hi_pct": hi, "beyond_noise": None,
         "framework_ms": 1e3 * fr.framework.step_s(gc.cfg), "without_framework_ms": 1e3 * fr.without_framework_s,
         **{f"bound_{ph}": (phases.get(ph) or {}).get("bound", "") for ph in PHASES if ph != "step"},
-        **{f"c_{k}_ms": 1e3 * c.prediction.breakdown_s.get(k, 0.0) for k in STEP_COMPONENTS},
+        **{f"c_{k}_ms": 1e3 * v for k, v in median_components(fr).items()},
         "measured_runs_ms": ";".join(f"{1e3 * x:.1f}" for x in meas),
         "predicted_runs_ms": ";".join(f"{1e3 * x:.1f}" for x in pred),
         "status": "ok", "reason": "", "run_dirs": ";".join(fr.run_dirs)}

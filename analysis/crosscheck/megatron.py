@@ -77,6 +77,8 @@ class FrameworkRow:
     """The project's reference step (full_model.train) at the same configuration, median."""
     predicted_runs_s: list[float] = dataclasses.field(default_factory=list)
     """The prediction next to each framework run (interleaved probes), in run order."""
+    predicted_breakdowns_s: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    """Those predictions' components (seconds by step component), in run order."""
 
 
 def _run_framework(cfg: TrainConfig, *, source: Path, out: Path, iters: int, timeout: float,
@@ -225,7 +227,8 @@ def run_planned(pl: Planned, *, source: Path, runs: int, iters: int, warmup: int
     cmp.prediction = pred
     return FrameworkRow(comparison=cmp, without_framework_s=base_s, framework=fw, run_dirs=run_dirs,
                         reference_s=reference_s, framework_detail=fw_detail,
-                        predicted_runs_s=[x[0].step_time_s for x in per_run])
+                        predicted_runs_s=[x[0].step_time_s for x in per_run],
+                        predicted_breakdowns_s=[dict(x[0].breakdown_s) for x in per_run])
 
 
 FRAMEWORK_ADAM = "torch"
