@@ -29,7 +29,7 @@ from analysis.errors import AnalysisError
 from analysis.fits import time_s
 
 MANIFEST_COLUMNS = ("hostname", "device", "device_name", "backend", "launcher", "world_size", "model",
-                    "start_time", "status", "failure")
+                    "start_time", "status", "failure", "ranks_per_node", "cpu_cores_usable", "threads_per_rank")
 """``run_failure`` is the failed run's failure record as JSON (rank, host, probe, case, reason,
 ``dead_ranks`` …); empty for a run that did not fail."""
 ALLOW_INCOMPLETE_ENV = "MICROBENCH_ALLOW_INCOMPLETE"

@@ -30,7 +30,7 @@ from microbench.model.workload import Attention, Collective, Gemm, HostPath, Mem
 from analysis.errors import AnalysisError
 from analysis.fits import FIT_KEYS, Fit, collective_points, fit_alpha_beta, is_derived, time_s
 from analysis.load import select_ok_rows
-from analysis.placement import Placement
+from analysis.placement import Placement, host_sharing
 from analysis.provenance import display_path, extrapolated, measured, with_note
 from analysis.spec import SpecProfile
 from analysis.system import COMPONENTS, Priced, SystemProfile
@@ -122,6 +122,7 @@ class MeasuredProfile(SystemProfile):
                                         f"{', '.join(seen)}): build one profile per machine")
         if "run_device" in df.columns and (df["run_device"] == "cpu").any():
             self.asynchronous = False  # a CPU runs each operation before the host goes on
+        self.host_sharing = host_sharing(df)
         df = df.assign(_t_s=time_s(df))
         self._ingest_gemms(df)
         self._ingest_attention(df)

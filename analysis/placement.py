@@ -1,14 +1,18 @@
 """Where the groups of a parallel axis live: does a group cross nodes, how many of its ranks
-share a node. The rank order is microbench.model.grid.Grid's (Megatron's: tp fastest, then dp,
-then pp), the node size the system's ranks per node.
+share a node (and, on a CPU, each core). The rank order is microbench.model.grid.Grid's
+(Megatron's: tp fastest, then dp, then pp), the node size the system's ranks per node.
 """
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from dataclasses import dataclass
 
 from microbench.model.config import TrainConfig
 from microbench.model.grid import AXES, Grid
+
+from analysis.errors import AnalysisError
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +24,31 @@ class Placement:
     """Nodes one group spans."""
     num_groups: int
     """Groups of this axis running at once (all of them, in a training step)."""
+
+
+def host_sharing(df) -> tuple[float, str] | None:
+    """How many of a host's ranks share each CPU core for their compute: σ = ranks per node ×
+    threads per rank / usable cores, from the manifests of the CPU runs whose GEMM rows price
+    the compute (the largest σ over them). (σ, source) when σ > 1; None where each rank has a
+    core or a device of its own, or the runs do not say (from before the manifest did)."""
+    cols = ["run_ranks_per_node", "run_threads_per_rank", "run_cpu_cores_usable"]
+    if any(c not in df.columns for c in [*cols, "kind", "run_device"]):
+        return None
+    rows = df[(df["kind"] == "gemm") & (df["run_device"] == "cpu")].dropna(subset=cols)
+    best = None
+    for run, g in rows.groupby(rows["run_dir"] if "run_dir" in rows.columns else rows["run_device"]):
+        vals = [g[c].iloc[0] for c in cols]
+        try:
+            r, t, c = (float(v) for v in vals)
+        except (TypeError, ValueError):
+            r = t = c = math.nan
+        if not all(math.isfinite(v) and v >= 1 and v.is_integer() for v in (r, t, c)):
+            shown = [f"{float(v):g}" if isinstance(v, numbers.Real) else repr(v) for v in vals]
+            raise AnalysisError(f"{run}: manifest ranks_per_node {shown[0]}, threads_per_rank {shown[1]}, "
+                                f"cpu_cores_usable {shown[2]}: each must be a whole number ≥ 1")
+        if best is None or r * t / c > best[0]:
+            best = (r * t / c, f"measured ({r:g} ranks × {t:g} thread(s) on {c:g} usable cores: {run} manifest)")
+    return best if best is not None and best[0] > 1 else None
 
 
 def group_placement(cfg: TrainConfig, axis: str, *, ranks_per_node: int) -> Placement:

@@ -230,10 +230,11 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
     stages = _stages(cfg, pr, w, layer_dev, layer_host)
     name = max(("first", "last"), key=lambda k: stages[k].total_s) if len(stages) > 1 else "only"
     per_mb = _per_microbatch(cfg, layer_comp, stages[name], p2p, ledger, name)
-    br = _schedule(cfg, per_mb, stages, name, p2p, ledger)
+    notes = list(getattr(profile, "notes", []))
+    br = _schedule(cfg, per_mb, stages, name, p2p, ledger, sharing=profile.host_sharing, notes=notes)
     _step_ops(cfg, w, pr, br, t_b=stages[name].bwd_s + p2p["bwd"], stage_mb=sum(per_mb.values()),
               dp_overlap=dp_overlap)
-    return _prediction(cfg, profile, w, ledger, br, stages[name], p2p, name)
+    return _prediction(cfg, profile, w, ledger, br, stages[name], p2p, name, notes)
 
 
 def _stages(cfg: TrainConfig, pr: _Pricer, w: _wl.Workload, device: dict[str, float],
@@ -267,8 +268,15 @@ def _per_microbatch(cfg: TrainConfig, layer_comp: dict[str, float], stage: _Stag
 
 
 def _schedule(cfg: TrainConfig, per_mb: dict[str, float], stages: dict[str, _Stage], name: str,
-              p2p: dict[str, float], ledger: Ledger) -> dict[str, float]:
-    """m micro-batches at the bottleneck's pace, and the fill and drain (the bubble)."""
+              p2p: dict[str, float], ledger: Ledger, *, sharing: tuple[float, str] | None,
+              notes: list[str]) -> dict[str, float]:
+    """m micro-batches at the bottleneck's pace, and the fill and drain (the bubble).
+
+    ``sharing`` (σ > 1: a host's ranks oversubscribe its cores, each op priced with all of them
+    busy): in the fill and drain the idle stages' cores run the busy ones', so the step is the
+    larger of two bounds, the work over the cores (m × the stage, as priced) and the critical
+    path at a core's own pace ((m × the stage + the bubble) / σ); the bubble is what the
+    second leaves beyond the first."""
     p, m, v = cfg.parallel, cfg.parallel.num_microbatches, cfg.parallel.interleave
     stage_mb = sum(per_mb.values())
     br = dict.fromkeys(COMPONENTS, 0.0)
@@ -285,6 +293,11 @@ def _schedule(cfg: TrainConfig, per_mb: dict[str, float], stages: dict[str, _Sta
             (p.pp - 1 - len(ends)) * (stages["middle"].total_s + pp_s)
     else:
         br["bubble"] = formulas.bubble_fraction(pp=p.pp, num_microbatches=m, interleave=v) * m * stage_mb
+    if sharing is not None and br["bubble"] > 0:
+        was, busy = br["bubble"], m * stage_mb
+        br["bubble"] = max(0.0, (busy + was) / sharing[0] - busy)
+        notes.append(f"host sharing σ = {sharing[0]:g}, {sharing[1]}: the bubble {was:.4g} s → "
+                     f"{br['bubble']:.4g} s (the fill and drain run on the idle stages' cores)")
     # the bubble idles for the same mix of work as the stage: booked with the stage's sources
     for src, t in ledger.shares({k: br[k] for k in per_mb}).items():
         for s, sec in t.items():
@@ -317,7 +330,7 @@ def _step_ops(cfg: TrainConfig, w: _wl.Workload, pr: _Pricer, br: dict[str, floa
 
 
 def _prediction(cfg: TrainConfig, profile: SystemProfile, w: _wl.Workload, ledger: Ledger, br: dict[str, float],
-                stage: _Stage, p2p: dict[str, float], name: str) -> Prediction:
+                stage: _Stage, p2p: dict[str, float], name: str, notes: list[str]) -> Prediction:
     p, m = cfg.parallel, cfg.parallel.num_microbatches
     step = sum(br.values())
     shares = ledger.shares(br)
@@ -348,7 +361,7 @@ def _prediction(cfg: TrainConfig, profile: SystemProfile, w: _wl.Workload, ledge
         seed_model=seed_model(cfg, profile, w=w), sources=sources,
         phases=stage.phases(), asynchronous=profile.asynchronous,
         provenance_s=shares, seconds_by_provenance=seconds_by_word(shares),
-        profile_sources=prof_src, notes=list(getattr(profile, "notes", [])),
+        profile_sources=prof_src, notes=notes,
         placement={ax: dataclasses.asdict(group_placement(cfg, ax, ranks_per_node=profile.ranks_per_node))
                    for ax in ("tp", "dp", "pp")} | {"bottleneck_stage": {"name": name}})
 

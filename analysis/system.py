@@ -40,6 +40,10 @@ class SystemProfile:
     asynchronous: bool
     """The device queues kernels while the host runs ahead (GPU, XPU): a phase costs
     max(host, device). False (a CPU): host and device add."""
+    host_sharing: tuple[float, str] | None = None
+    """(σ, source): a rank's compute on a host whose cores its ranks oversubscribe runs at
+    1/σ of its own core's pace (σ = ranks × threads / usable cores > 1, device cpu); None:
+    each rank has its device (see :func:`analysis.placement.host_sharing`)."""
 
     def gemm(self, gemm: Gemm) -> Priced: raise NotImplementedError
     def attention(self, att: Attention) -> Priced: raise NotImplementedError
@@ -85,7 +89,8 @@ class WithHost(SystemProfile):
 
     def __init__(self, base: SystemProfile, per_phase_s: dict[str, float], source: str):
         self.base, self.per_phase_s, self.host_source = base, dict(per_phase_s), source
-        for attr in ("name", "peak_tflops", "ranks_per_node", "device_memory_gib", "nodes", "asynchronous"):
+        for attr in ("name", "peak_tflops", "ranks_per_node", "device_memory_gib", "nodes", "asynchronous",
+                     "host_sharing"):
             setattr(self, attr, getattr(base, attr))
         self.notes = list(getattr(base, "notes", []))
 

@@ -28,7 +28,7 @@ from microbench.model.vocabulary import STEP_COMPONENTS
 
 COLUMNS = ("config", "layout", *SHAPE_COLUMNS, "pairs", "measured_ms", "measured_min_ms", "measured_max_ms",
            "predicted_ms", "predicted_min_ms", "predicted_max_ms", "error_pct", "error_lo_pct", "error_hi_pct",
-           "beyond_noise", "framework_ms", "without_framework_ms", "bound_fwd", "bound_recompute", "bound_bwd",
+           "beyond_noise", "framework_ms", "without_framework_ms", "host_sharing", "bound_fwd", "bound_recompute", "bound_bwd",
            *(f"c_{k}_ms" for k in STEP_COMPONENTS), "measured_runs_ms", "predicted_runs_ms", "status", "reason",
            "run_dirs")
 TARGETS = {"mape_pct": 8.0, "max_abs_error_pct": 15.0, "mds_layout_pct": 10.0}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 
@@ -196,6 +197,9 @@ def test_two_rank_run(tmp_path, module, args):
     if module != "microbench.gemm" and module != "microbench.attention":
         assert manifest["peak_gbps"] == pytest.approx(copy["gbps"].iloc[0])
     if module == "microbench.gemm":
+        # the manifest says how the two ranks share the host's cores (placement.host_sharing)
+        assert (df["run_ranks_per_node"] == 2).all() and (df["run_cpu_cores_usable"] == len(os.sched_getaffinity(0))).all()
+        assert (df["run_threads_per_rank"] == max(1, os.cpu_count() // 2)).all()  # world.py's share
         ops = df[df["op"] != "peak"]
         assert len(ops) == 15 and set(ops["phase"]) == {"fwd", "dgrad", "wgrad"}
         assert (ops["dtype"] == "fp32").all()

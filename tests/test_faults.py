@@ -227,7 +227,9 @@ def test_mpiexec_sigterm_marks_the_run_interrupted(tmp_path):
     proc, before = start_mpi_sweep(out, ranks=2)
     os.kill(proc.pid, signal.SIGTERM)  # Hydra forwards it to every rank
     code, _, err = finish(proc)
-    assert code == 128 + signal.SIGTERM
+    # every rank exits 128 + SIGTERM; Hydra returns that, or 9 where the first rank's exit
+    # made it kill a rank still closing (CI at 9f5b08e under load): Hydra's code, not ours
+    assert code in (128 + signal.SIGTERM, 9)
     assert "interrupted by SIGTERM" in one_error_line(err) and "marked interrupted" in err
     man = json.loads((out / MANIFEST).read_text())
     # rank 0 closes it; rank 1 waits for that (lifecycle.CLOSE_WAIT_S) and closes it only if

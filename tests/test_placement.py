@@ -94,3 +94,33 @@ def test_a_bad_axis_or_node_size_is_refused():
         grid_placement(Grid(tp=2, pp=1, dp=1), "tp", ranks_per_node=0)
     with pytest.raises(ValueError, match="axis 'ep'"):
         grid_placement(Grid(tp=2, pp=1, dp=1), "ep", ranks_per_node=8)
+
+
+def _runs(*runs):
+    """GEMM rows of CPU runs: (run_dir, ranks per node, threads per rank, usable cores)."""
+    import pandas as pd
+    return pd.DataFrame([{"kind": "gemm", "run_device": "cpu", "run_dir": d, "run_ranks_per_node": r,
+                          "run_threads_per_rank": t, "run_cpu_cores_usable": c} for d, r, t, c in runs])
+
+
+def test_host_sharing_from_the_compute_runs_manifests():
+    import pandas as pd
+    from analysis.placement import host_sharing
+    sigma, src = host_sharing(_runs(("tp2", 2, 1, 2), ("tp2pp2", 4, 1, 2)))
+    assert sigma == 2.0 and src == "measured (4 ranks × 1 thread(s) on 2 usable cores: tp2pp2 manifest)"
+    assert host_sharing(_runs(("a", 2, 1, 2), ("b", 1, 2, 2))) is None   # a core per thread
+    assert host_sharing(_runs(("a", 4, 1, 8))) is None                    # cores to spare
+    gpu = _runs(("g", 8, 1, 2)).assign(run_device="cuda")
+    assert host_sharing(gpu) is None                                       # each rank its device
+    assert host_sharing(_runs(("old", 4, 1, 2)).drop(columns="run_cpu_cores_usable")) is None
+    assert host_sharing(_runs(("old", 4, 1, float("nan")))) is None      # a run from before it was recorded
+    assert host_sharing(pd.DataFrame({"kind": ["gemm"]})) is None
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -2, "two"])
+def test_a_corrupted_core_count_is_refused_naming_the_run_and_value(bad):
+    from analysis.errors import AnalysisError
+    from analysis.placement import host_sharing
+    with pytest.raises(AnalysisError, match=rf"runs/x: manifest ranks_per_node 4, threads_per_rank 1, "
+                                            rf"cpu_cores_usable {bad!r}: each must be a whole number ≥ 1"):
+        host_sharing(_runs(("runs/x", 4, 1, bad)))

@@ -63,6 +63,32 @@ def test_bubble_formula_and_schedule():
     assert iv.breakdown_s["bubble"] == pytest.approx(stage / 2)           # (p − 1)/v·(t_f + t_b)
 
 
+class SharedHost(GemmOnly):
+    def __init__(self, sigma):
+        super().__init__()
+        self.host_sharing = (sigma, "specified (test: SharedHost)")
+
+
+def test_ranks_sharing_a_hosts_cores_run_the_fill_and_drain_on_the_idle_stages_cores():
+    cfg = with_layout(preset("tiny"), pp=2, micro_batch=1, global_batch=8)  # m 8, 2 layers a stage
+    # a layer 6·128·(128·384 + 128² + 128·1024 + 512·128) = 201,326,592 flop; the LM head
+    # 6·128·128·512 = 50,331,648: the last stage 452,984,832, the other 402,653,184 (1 TFLOP/s)
+    last, other = 452_984_832e-12, 402_653_184e-12
+    assert predict(cfg, GemmOnly()).step_time_s == pytest.approx(8 * last + other, rel=1e-12)
+    # σ = 2 (4 ranks on 2 cores): the critical path at a core's pace, (8·last + other)/2 =
+    # 2.013 ms, is below the work over the cores, 8·last = 3.624 ms: no bubble left
+    two = predict(cfg, SharedHost(2.0))
+    assert two.breakdown_s["bubble"] == 0 and two.step_time_s == pytest.approx(3.623878656e-3, rel=1e-12)
+    assert any(n.startswith("host sharing σ = 2, specified (test: SharedHost)") for n in two.notes)
+    # σ = 1.05: the critical path, 4.02653184 ms / 1.05 = 3.834792 ms, is the longer bound
+    near = predict(cfg, SharedHost(1.05))
+    assert near.step_time_s == pytest.approx(3.8347922286e-3, rel=1e-9)
+    assert near.breakdown_s["bubble"] == pytest.approx(2.109135726e-4, rel=1e-8)
+    # one stage has no fill or drain: nothing changes
+    flat = with_layout(preset("tiny"), micro_batch=1, global_batch=8)
+    assert predict(flat, SharedHost(2.0)).step_time_s == predict(flat, GemmOnly()).step_time_s
+
+
 def test_fom_alcf_1t_by_hand():
     # (6·2048·24576² + 2048²·24576)·512·128 multiply-adds per step
     assert formulas.fom(preset("alcf-1t"), 1.0) == pytest.approx(493_144_159_197_069_312, rel=1e-15)

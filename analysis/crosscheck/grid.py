@@ -237,6 +237,7 @@ def result_row(label: str, gc: GridConfig, fr: Any) -> dict[str, Any]:
         "predicted_min_ms": 1e3 * min(pred), "predicted_max_ms": 1e3 * max(pred),
         "error_pct": error_pct(pred, meas), "error_lo_pct": lo, "error_hi_pct": hi, "beyond_noise": None,
         "framework_ms": 1e3 * fr.framework.step_s(gc.cfg), "without_framework_ms": 1e3 * fr.without_framework_s,
+        "host_sharing": "; ".join(n for n in getattr(c.prediction, "notes", []) if n.startswith("host sharing")),
         **{f"bound_{ph}": (phases.get(ph) or {}).get("bound", "") for ph in PHASES if ph != "step"},
         **{f"c_{k}_ms": 1e3 * v for k, v in median_components(fr).items()},
         "measured_runs_ms": ";".join(f"{1e3 * x:.1f}" for x in meas),

@@ -181,7 +181,7 @@ def build_manifest(probe: Probe, ctx: Context, argv: Sequence[str]) -> dict[str,
            "world_size": w.world_size, "hostnames": w.hostnames, "num_nodes": w.num_nodes,
            "ranks_per_node": w.ranks_per_node, "device": w.device_kind,
            "device_name": device_name(w), "backend": w.backend, "launcher": w.launcher,
-           "timeout_s": w.timeout_s, "grid": {"tp": ctx.grid.tp, "pp": ctx.grid.pp, "dp": ctx.grid.dp},
+           "timeout_s": w.timeout_s, **host_cores(), "grid": {"tp": ctx.grid.tp, "pp": ctx.grid.pp, "dp": ctx.grid.dp},
            "versions": results.library_versions(), "model": ctx.args.model}
     if ctx.cfg is not None:
         import dataclasses
@@ -189,6 +189,14 @@ def build_manifest(probe: Probe, ctx: Context, argv: Sequence[str]) -> dict[str,
                          "parallel": dataclasses.asdict(ctx.cfg.parallel)}
     man.update(probe.manifest(ctx))
     return man
+
+
+def host_cores() -> dict[str, int]:
+    """The cores this process may run on (its affinity) and its torch threads: how many of a
+    host's ranks share a core (``analysis.placement.host_sharing``)."""
+    import torch
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"cpu_cores_usable": cores, "threads_per_rank": torch.get_num_threads()}
 
 
 def device_name(world: World) -> str:
