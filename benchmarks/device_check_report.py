@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from microbench.runtime.results import read_run
+from microbench.runtime.results import read_run, usable_cores
 
 
 def summarise_probes(run_dir: Path) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def summarise_probes(run_dir: Path) -> dict[str, Any]:
 def machine_info(out: Path, device: str) -> dict[str, Any]:
     """The device as the first probe run saw it (its manifest), the CPU, and the driver."""
     info: dict[str, Any] = {"device": device, "hostname": platform.node(), "cpu_cores": os.cpu_count(),
-                            "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                            "cpu_cores_usable": usable_cores(),
                             "cpu_model": cpu_model()}
     for name in ("probes-1t", "host-1t"):
         try:

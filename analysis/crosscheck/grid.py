@@ -218,8 +218,7 @@ def median_components(fr: Any) -> dict[str, float]:
     """The components of the median prediction, so that they add up to ``predicted_ms``: the
     median run's, or with an even number of runs the mean of the two middle runs'."""
     runs = fr.predicted_breakdowns_s or [fr.comparison.prediction.breakdown_s]
-    pred = fr.predicted_runs_s if len(fr.predicted_runs_s) == len(runs) else [sum(b.values()) for b in runs]
-    order = sorted(range(len(runs)), key=lambda i: pred[i])
+    order = sorted(range(len(runs)), key=lambda i: sum(runs[i].values()))  # a step is its components' sum
     mid = [order[(len(runs) - 1) // 2], order[len(runs) // 2]]
     return {k: sum(runs[i].get(k, 0.0) for i in mid) / 2 for k in STEP_COMPONENTS}
 

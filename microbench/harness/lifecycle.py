@@ -195,8 +195,7 @@ def host_cores() -> dict[str, int]:
     """The cores this process may run on (its affinity) and its torch threads: how many of a
     host's ranks share a core (``analysis.placement.host_sharing``)."""
     import torch
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {"cpu_cores_usable": cores, "threads_per_rank": torch.get_num_threads()}
+    return {"cpu_cores_usable": results.usable_cores(), "threads_per_rank": torch.get_num_threads()}
 
 
 def device_name(world: World) -> str:

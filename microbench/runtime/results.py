@@ -54,6 +54,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity; the host's count where there is none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def library_versions() -> dict[str, str | None]:
     """torch, oneCCL/IPEX if present, mpi4py and the MPI library's own version string."""
     out: dict[str, str | None] = {"python": platform.python_version()}
