@@ -245,6 +245,8 @@ def test_real_framework_trains_without_skipping(tmp_path, layout):
     port = manifest["env"]["MASTER_PORT"]
     assert len(manifest["removed_shm"]) == 2 and all(port in f for f in manifest["removed_shm"])
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    # and so are the ranks' temporary files (wandb's at import), from a TMPDIR of the run's own
+    assert manifest["env"]["TMPDIR"] == str(out / "tmp") and not (out / "tmp").exists()
     # the attention the cross-check prices (framework_fallback): the explicit path, not flash
     import pandas as pd
     ops = pd.read_csv(prof / "ops-rank0.csv")["name"]
@@ -385,3 +387,68 @@ def test_profile_hook_records_a_run_without_the_pipeline_engine(tmp_path, monkey
     assert list(its["iteration"]) == [1, 2] and (its["end_ns"] >= its["start_ns"]).all()
     assert coll.groupby("iteration")["elements"].apply(list).to_dict() == {1: [3, 3], 2: [5, 5]}
     assert set(coll["op"]) == {"all_reduce"} and set(coll["group_size"]) == {2}
+
+
+def test_a_free_port_is_taken_below_the_kernels_ephemeral_range(tmp_path, monkeypatch):
+    """The grid's zero1-dp2 run of 2026-12-03 died on EADDRINUSE at port 48371: ``bind(0)``
+    hands out ports of the ephemeral range (32768–60999 here), which any outgoing connection
+    may take before the store binds. The rendezvous port now comes from below that range."""
+    from microbench.runtime import launch
+    span = tmp_path / "range"
+    span.write_text("40000\t60999\n")
+    monkeypatch.setattr(launch, "EPHEMERAL_RANGE", span)
+    ports = {launch.free_port() for _ in range(20)}
+    assert all(20000 <= p < 40000 for p in ports)
+    span.write_text("not a range\n")  # unreadable: the kernel's own choice, as before
+    assert launch.ephemeral_range(span) is None and 0 < launch.free_port() <= 65535
+
+
+@needs_framework
+def test_a_taken_rendezvous_port_relaunches_once_on_another(tmp_path, monkeypatch):
+    """When the store's port is taken anyway (torch's own EADDRINUSE, from a real TCPStore on
+    a held port), nothing ran: the run starts once more on a fresh port, keeps the first log,
+    and its manifest says so."""
+    import datetime
+    import socket
+    import torch.distributed as dist
+    from full_model.megatron import run as mrun
+    from full_model.megatron.__main__ import build_parser
+    from full_model.megatron.setup import resolve_source
+    from microbench.harness.modelargs import config_from_args
+    from microbench.runtime import launch
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    busy = held.getsockname()[1]
+    first, real = iter([busy]), launch.free_port
+    monkeypatch.setattr(launch, "free_port", lambda **kw: next(first, None) or real(**kw))
+    tried = []
+
+    def fake_launch(cmd, rank_cmd, *, n, env, log_path, timeout_s):
+        tried.append(int(env["MASTER_PORT"]))
+        (Path(env["TMPDIR"]) / "tmpx1wandb-media").mkdir(exist_ok=True)  # what wandb leaves at import
+        try:
+            store = dist.TCPStore("127.0.0.1", tried[-1], 1, True, timeout=datetime.timedelta(seconds=5))
+        except Exception as exc:  # what a rank prints when its store cannot bind
+            log_path.write_text(f"{type(exc).__module__}.{type(exc).__name__}: {exc}\n")
+            return 1
+        del store
+        log_path.write_text("\n".join(_log(2)) + "\n")
+        return 0
+
+    monkeypatch.setattr(mrun, "_launch", fake_launch)
+    args = build_parser().parse_args(["run", *TINY, "--dp", "2", "--iters", "2", "--launcher", "spawn"])
+    cfg = config_from_args(args, layout="world")
+    try:
+        check = mrun.run(cfg, mrun.RunOptions(source=resolve_source(None), out=tmp_path / "run", train_iters=2,
+                                              launcher="spawn", timeout_s=120))
+    finally:
+        held.close()
+    assert tried[0] == busy and tried[1] != busy and len(tried) == 2
+    assert check.status == "ok"
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["relaunched"]["first_returncode"] == 1 and str(busy) in manifest["relaunched"]["reason"]
+    assert manifest["env"]["MASTER_PORT"] == str(tried[1])
+    assert "EADDRINUSE" in (tmp_path / "run" / "train.attempt1.log").read_text()
+    # the ranks' temporary files went with the run, listed
+    assert "tmpx1wandb-media" in manifest["removed_tmp"] and not (tmp_path / "run" / "tmp").exists()

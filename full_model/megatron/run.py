@@ -151,6 +151,11 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunCheck:
         launcher = "mpiexec" if mpiexec_path() else "spawn"
     cmd, launcher = launch_command(p.world_size, launcher, rank_cmd)
     env = _rank_env(p.world_size, device=opts.device, data=data)
+    # the ranks' temporary files (wandb makes two directories at import and a rank ended by
+    # the launcher never removes them: 784 were left in /tmp by one grid) go with the run
+    rank_tmp = out / "tmp"
+    rank_tmp.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(rank_tmp)
     shown = cmd or [f"RANK=0..{p.world_size - 1}", *rank_cmd]
     (out / "command.txt").write_text(shlex.join(shown) + "\n")
     t0 = time.time()
@@ -161,6 +166,22 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunCheck:
     rc = _launch(cmd, rank_cmd, n=p.world_size, env=env, log_path=log_path, timeout_s=max(1.0, left)) \
         if left > 0 else _timed_out_before_launch(log_path, opts.timeout_s)
     removed = remove_shm_buffers(env, p.world_size) if opts.device == "cpu" else []
+    relaunched = None
+    left = opts.timeout_s - (time.time() - t0)
+    if rc and port_taken(log_path) and left > 0:
+        # the rendezvous port was taken between its choice and the store's bind: nothing ran,
+        # so the run is started once more on another port, and the manifest says so
+        first = out / "train.attempt1.log"
+        log_path.replace(first)
+        relaunched = {"reason": f"rendezvous port {env['MASTER_PORT']} in use (EADDRINUSE)",
+                      "first_log": first.name, "first_returncode": rc}
+        from microbench.runtime.launch import free_port
+        env["MASTER_PORT"] = str(free_port())
+        rc = _launch(cmd, rank_cmd, n=p.world_size, env=env, log_path=log_path, timeout_s=max(1.0, left))
+        if opts.device == "cpu":
+            removed += remove_shm_buffers(env, p.world_size)
+    left_tmp = sorted(x.name for x in rank_tmp.iterdir())
+    shutil.rmtree(rank_tmp, ignore_errors=True)
     res = parse_log(log_path)
     check = check_iterations(res.iterations, train_iters=opts.train_iters, returncode=rc)
     _write_iterations(out, res)
@@ -171,8 +192,9 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunCheck:
                 "framework": {"source": str(source), **framework_identity(source),
                               "entry": "pretrain_gpt.py"},
                 "versions": _versions(), "dataset": str(data.prefix), "removed_shm": removed,
+                "relaunched": relaunched, "removed_tmp": left_tmp,
                 "env": {k: env[k] for k in sorted(env) if k.split("_")[0] in
-                        ("DS", "OMP", "LOCAL", "WANDB", "NCCL", "CCL", "CUDA", "MASTER")},
+                        ("DS", "OMP", "LOCAL", "WANDB", "NCCL", "CCL", "CUDA", "MASTER", "TMPDIR")},
                 "start": t0, "end": time.time()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return check
@@ -206,6 +228,20 @@ def _rank_env(n: int, *, device: str, data: Dataset) -> dict[str, str]:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env["MASTER_PORT"] = str(free_port())
     return env
+
+
+PORT_TAKEN = "EADDRINUSE"
+"""What torch's TCPStore prints when its port is taken (``DistNetworkError ... code: -98,
+name: EADDRINUSE``)."""
+
+
+def port_taken(log_path: Path) -> bool:
+    """Whether a failed run died on its rendezvous port being in use, before any iteration."""
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return PORT_TAKEN in text and parse_log(log_path).iterations.empty
 
 
 def _write_iterations(out: Path, res: ParseResult) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 from microbench.runtime.errors import RendezvousError, UsageError
@@ -210,9 +212,38 @@ def resolve_world(info: LaunchInfo, *, timeout_s: float) -> tuple[LaunchInfo, ob
     return info, comm
 
 
-def free_port() -> int:
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+"""Linux's range of ports handed to outgoing connections and ``bind(0)``."""
+
+
+def ephemeral_range(path: Path = EPHEMERAL_RANGE) -> tuple[int, int] | None:
+    """The kernel's ephemeral port range, or None where it cannot be read (not Linux)."""
+    try:
+        lo, hi = (int(x) for x in path.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return (lo, hi) if 1024 < lo <= hi <= 65535 else None
+
+
+def free_port(*, rng: random.Random | None = None, tries: int = 64) -> int:
+    """A TCP port free now, for a rendezvous that binds it a few seconds later. Taken below
+    the kernel's ephemeral range where it has one: a port from ``bind(0)`` lies inside it, where
+    any process's outgoing connection (a gloo pair, a pip download) can take it before the
+    store binds, which once failed a framework run with EADDRINUSE."""
+    host = "127.0.0.1" if os.environ.get("MASTER_ADDR", "") in ("127.0.0.1", "localhost") else ""
+    span = ephemeral_range()
+    if span is not None and span[0] > 20000:
+        rng = rng or random.Random()
+        for _ in range(tries):
+            port = rng.randrange(20000, span[0])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1" if os.environ.get("MASTER_ADDR", "") in ("127.0.0.1", "localhost") else "", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
