@@ -152,6 +152,26 @@ def test_a_survivors_failure_gets_the_first_rank_from_the_kernels_order(tmp_path
     assert read_run(w.dir)[0]["failure"]["first_ended"]["rank"] == 0
 
 
+def test_a_survivor_that_lost_a_peer_is_not_named_first_even_when_it_ended_first(tmp_path):
+    """CI, 4 ranks on 2 cores, rank 3 SIGKILLed: rank 1's connection was reset (a killed
+    process closes its sockets before its threads are gone), it closed the run and exited,
+    and the kernel notified its exit before rank 3's. A rank that lost a peer was alive when
+    the peer ended: the first is sought among the others."""
+    from microbench.harness.lifecycle import PEER_LOST  # what abort_rank marks as peer_lost
+    assert any(s in "Read error [127.0.0.1]:33163: Connection reset by peer." for s in PEER_LOST)
+    w = open_run(tmp_path / "r")
+    w.close(status="failed", failure={"rank": 1, "peer_lost": True, "closed_by_rank": 1,
+                                      "reason": "RuntimeError: Connection reset by peer"})
+    assert conclude(w.dir, "h1", {1: 5.0, 3: 5.0, 0: 5.0, 2: 5.0}, ordered=True, settle_s=0) == "amended"
+    first = read_run(w.dir)[0]["failure"]["first_ended"]
+    assert first["rank"] == 3 and "rank 1 left out" in first["how"]
+    # without the mark (a rank that failed on its own error ends first): the kernel's order
+    w = open_run(tmp_path / "r2")
+    w.close(status="failed", failure={"rank": 1, "reason": "RuntimeError: out of memory"})
+    conclude(w.dir, "h1", {1: 5.0, 3: 5.0, 0: 5.0, 2: 5.0}, ordered=True, settle_s=0)
+    assert read_run(w.dir)[0]["failure"]["first_ended"]["rank"] == 1
+
+
 @pytest.mark.parametrize("status, failure", [
     ("ok", None),
     ("interrupted", None),

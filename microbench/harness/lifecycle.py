@@ -224,6 +224,12 @@ def fail_fast(module: str, ctx: Context, case: str, exc: BaseException) -> None:
                row={"probe": module.rsplit(".", 1)[-1], "case": case})
 
 
+PEER_LOST = ("reset by peer", "closed by peer", "Broken pipe")
+"""What gloo (and the socket under it) says when the other end of a connection went away: a
+rank that fails so was alive when a peer ended (``peer_lost`` in its failure; the host's
+watchdog does not name it as the rank that ended first)."""
+
+
 def abort_rank(module: str, world: World, writer: results.RunWriter | None, what: str,
                exc: BaseException, *, row: dict[str, Any]) -> None:
     """The one way a rank gives up: a line naming module, rank, host and what failed, a
@@ -243,6 +249,8 @@ def abort_rank(module: str, world: World, writer: results.RunWriter | None, what
     reported = _report(world.rank, msg)
     failure = {"rank": world.rank, "host": world.hostname, "probe": row.get("probe"),
                "case": row.get("case"), "reason": msg}
+    if any(s in str(exc) for s in PEER_LOST):
+        failure["peer_lost"] = True  # alive when a peer went: not the rank that ended first
     dead = world.dead_local_peers() if world.pids else []
     if dead:
         failure["dead_ranks"] = dead

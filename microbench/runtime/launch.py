@@ -216,10 +216,10 @@ EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 """Linux's range of ports handed to outgoing connections and ``bind(0)``."""
 
 
-def ephemeral_range(path: Path = EPHEMERAL_RANGE) -> tuple[int, int] | None:
+def ephemeral_range(path: Path | None = None) -> tuple[int, int] | None:
     """The kernel's ephemeral port range, or None where it cannot be read (not Linux)."""
     try:
-        lo, hi = (int(x) for x in path.read_text().split())
+        lo, hi = (int(x) for x in (path or EPHEMERAL_RANGE).read_text().split())
     except (OSError, ValueError):
         return None
     return (lo, hi) if 1024 < lo <= hi <= 65535 else None

@@ -15,7 +15,8 @@ manifest:
   loaded host), else (polling) when that rank was seen ended clearly before the others;
 - ``failed`` by a rank that gave up mid-run (a survivor's failure, which names the peers it
   found ended when it looked, ``dead_ranks``: by then the launcher may have killed more):
-  it adds ``first_ended``;
+  it adds ``first_ended``, leaving out the survivor itself when it lost a peer while alive
+  (``peer_lost``: a killed rank closes its sockets before the kernel reports its exit);
 - anything else (``ok``, ``interrupted``, a run that completed with a failed case, or a
   failure that already says who ended first): it leaves the manifest alone.
 
@@ -162,9 +163,17 @@ def conclude(run_dir: Path, host: str, gone: dict[int, float], *, ordered: bool 
         failure["closed_by"] = f"watchdog on {host}"
         return "closed" if results.close_unclosed(run_dir, status="failed", failure=failure) else "left"
     failure = manifest.get("failure")
+    if status == "failed" and isinstance(failure, dict) and failure.get("peer_lost") and failure.get("rank") in gone:
+        # the rank that closed it lost a peer while alive: its exit (voluntary, and notified
+        # as soon as it ends) can come before the killed peer's (notified only when its whole
+        # thread group has gone), so the first is sought among the others
+        gone = {r: t for r, t in gone.items() if r != failure["rank"]}
+        first = first_to_end(gone, ordered=ordered)
     if status == "failed" and isinstance(failure, dict) and first is not None and \
             "first_ended" not in failure and "num_cases" not in failure:
         failure["first_ended"] = _first_ended(gone, first, host)
+        if failure.get("peer_lost"):
+            failure["first_ended"]["how"] += f" (rank {failure['rank']} left out: it lost a peer while alive)"
         results.write_manifest(run_dir, manifest)
         return "amended"
     return "left"
