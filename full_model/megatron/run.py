@@ -34,6 +34,7 @@ from full_model.megatron.jobscript import JobOptions, deepspeed_config, megatron
 from full_model.megatron.logparse import ParseResult, parse_log
 from full_model.megatron.setup import Dataset, SetupError, build_helpers, framework_identity, synthetic_dataset
 from microbench.model.config import TrainConfig
+from microbench.runtime import launch as rendezvous
 
 SCHEMA = "megatron-run/1"
 LIBRARIES = ("torch", "deepspeed", "ezpz", "transformers", "mpi4py", "numpy")
@@ -165,21 +166,17 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunCheck:
         left -= prebuild_cpu_ops(env, log_path=out / "prebuild.log", timeout_s=opts.timeout_s)
     rc = _launch(cmd, rank_cmd, n=p.world_size, env=env, log_path=log_path, timeout_s=max(1.0, left)) \
         if left > 0 else _timed_out_before_launch(log_path, opts.timeout_s)
-    removed = remove_shm_buffers(env, p.world_size) if opts.device == "cpu" else []
-    relaunched = None
+    removed, relaunched = remove_shm_buffers(env, p.world_size) if opts.device == "cpu" else [], None
     left = opts.timeout_s - (time.time() - t0)
     if rc and port_taken(log_path) and left > 0:
         # the rendezvous port was taken between its choice and the store's bind: nothing ran,
         # so the run is started once more on another port, and the manifest says so
-        first = out / "train.attempt1.log"
-        log_path.replace(first)
+        first = log_path.replace(out / "train.attempt1.log")
         relaunched = {"reason": f"rendezvous port {env['MASTER_PORT']} in use (EADDRINUSE)",
                       "first_log": first.name, "first_returncode": rc}
-        from microbench.runtime.launch import free_port
-        env["MASTER_PORT"] = str(free_port())
+        env["MASTER_PORT"] = str(rendezvous.free_port())
         rc = _launch(cmd, rank_cmd, n=p.world_size, env=env, log_path=log_path, timeout_s=max(1.0, left))
-        if opts.device == "cpu":
-            removed += remove_shm_buffers(env, p.world_size)
+        removed += remove_shm_buffers(env, p.world_size) if opts.device == "cpu" else []
     left_tmp = sorted(x.name for x in rank_tmp.iterdir())
     shutil.rmtree(rank_tmp, ignore_errors=True)
     res = parse_log(log_path)
@@ -215,7 +212,6 @@ def _job_options(cfg: TrainConfig, opts: RunOptions, *, data: Dataset, ds_config
 def _rank_env(n: int, *, device: str, data: Dataset) -> dict[str, str]:
     """The ranks' environment: this project on PYTHONPATH (the rank wrapper), no wandb or
     colour, DeepSpeed's CPU accelerator and an even share of the cores on a CPU, a free port."""
-    from microbench.runtime.launch import free_port
     env = dict(os.environ, WANDB_MODE="disabled", NO_COLOR="1", LOCAL_SIZE=str(n), PYTHONUNBUFFERED="1",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(Path(data.prefix).parents[2] / "torch_extensions")),
@@ -226,7 +222,7 @@ def _rank_env(n: int, *, device: str, data: Dataset) -> dict[str, str]:
         # the probes' policy (microbench.runtime.launch): the cores shared evenly by the local ranks
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env["MASTER_PORT"] = str(free_port())
+    env["MASTER_PORT"] = str(rendezvous.free_port())
     return env
 
 
@@ -237,11 +233,8 @@ name: EADDRINUSE``)."""
 
 def port_taken(log_path: Path) -> bool:
     """Whether a failed run died on its rendezvous port being in use, before any iteration."""
-    try:
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return PORT_TAKEN in text and parse_log(log_path).iterations.empty
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return any(PORT_TAKEN in line for line in lines) and parse_log(lines).iterations.empty
 
 
 def _write_iterations(out: Path, res: ParseResult) -> None:

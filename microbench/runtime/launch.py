@@ -225,7 +225,7 @@ def ephemeral_range(path: Path | None = None) -> tuple[int, int] | None:
     return (lo, hi) if 1024 < lo <= hi <= 65535 else None
 
 
-def free_port(*, rng: random.Random | None = None, tries: int = 64) -> int:
+def free_port(*, tries: int = 64) -> int:
     """A TCP port free now, for a rendezvous that binds it a few seconds later. Taken below
     the kernel's ephemeral range where it has one: a port from ``bind(0)`` lies inside it, where
     any process's outgoing connection (a gloo pair, a pip download) can take it before the
@@ -233,9 +233,8 @@ def free_port(*, rng: random.Random | None = None, tries: int = 64) -> int:
     host = "127.0.0.1" if os.environ.get("MASTER_ADDR", "") in ("127.0.0.1", "localhost") else ""
     span = ephemeral_range()
     if span is not None and span[0] > 20000:
-        rng = rng or random.Random()
         for _ in range(tries):
-            port = rng.randrange(20000, span[0])
+            port = random.randrange(20000, span[0])
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 try:
                     s.bind((host, port))

@@ -163,20 +163,23 @@ def conclude(run_dir: Path, host: str, gone: dict[int, float], *, ordered: bool 
         failure["closed_by"] = f"watchdog on {host}"
         return "closed" if results.close_unclosed(run_dir, status="failed", failure=failure) else "left"
     failure = manifest.get("failure")
-    if status == "failed" and isinstance(failure, dict) and failure.get("peer_lost") and failure.get("rank") in gone:
+    if status != "failed" or not isinstance(failure, dict) or "first_ended" in failure or "num_cases" in failure:
+        return "left"
+    survivor = failure.get("rank") if failure.get("peer_lost") else None
+    left_out = survivor in gone
+    if left_out:
         # the rank that closed it lost a peer while alive: its exit (voluntary, and notified
         # as soon as it ends) can come before the killed peer's (notified only when its whole
         # thread group has gone), so the first is sought among the others
-        gone = {r: t for r, t in gone.items() if r != failure["rank"]}
+        gone = {r: t for r, t in gone.items() if r != survivor}
         first = first_to_end(gone, ordered=ordered)
-    if status == "failed" and isinstance(failure, dict) and first is not None and \
-            "first_ended" not in failure and "num_cases" not in failure:
-        failure["first_ended"] = _first_ended(gone, first, host)
-        if failure.get("peer_lost"):
-            failure["first_ended"]["how"] += f" (rank {failure['rank']} left out: it lost a peer while alive)"
-        results.write_manifest(run_dir, manifest)
-        return "amended"
-    return "left"
+    if first is None:
+        return "left"
+    failure["first_ended"] = _first_ended(gone, first, host)
+    if left_out:
+        failure["first_ended"]["how"] += f" (rank {survivor} left out: it lost a peer while alive)"
+    results.write_manifest(run_dir, manifest)
+    return "amended"
 
 
 def _first_ended(gone: dict[int, float], first: int, host: str) -> dict[str, object]:
