@@ -25,6 +25,7 @@ from microbench.model.config import dtype_bytes
 from microbench.model.devices import DEVICES_FILE, match_device, spec_peak
 from microbench.model.metrics import bus_factor, tflops
 from microbench.model.systems import shipped_systems
+from microbench.model.vocabulary import STAND_IN
 from microbench.model.workload import Attention, Collective, Gemm, HostPath, MemOp, TpSync
 
 from analysis.errors import AnalysisError
@@ -292,12 +293,12 @@ class MeasuredProfile(SystemProfile):
                 ("explicit", "bwd" if op.phase == "bwd" else "fwd") in self.attention_rates:
             return Priced(0.0, measured(f"in the explicit attention probe's {op.phase} call, which times the scores' "
                                         "mask and softmax with Q·Kᵀ and P·V; not priced again"))
-        key = op.name if op.name in self.memop_fits else "*"
-        if key not in self.memop_fits:
+        key = next((k for k in (op.name, STAND_IN.get(op.name, ("*",))[0], "*") if k in self.memop_fits), None)
+        if key is None:
             return self.fallback.memop(op)
-        t = self.memop_fits[key].time_s(op.bytes)
-        lo, hi = self.memop_sizes[key]
-        what = f"{op.name}" if key == op.name else f"all memory-bound ops ({op.name} not measured)"
+        t, (lo, hi) = self.memop_fits[key].time_s(op.bytes), self.memop_sizes[key]
+        what = op.name if key == op.name else f"all memory-bound ops ({op.name} not measured)" if key == "*" \
+            else f"{key} ({op.name} not measured: {STAND_IN[op.name][1]})"
         if key == op.name and lo <= op.bytes <= hi:
             return Priced(t, measured() if lo == hi else measured(f"α–β fit of {what} {_span(lo, hi)}"))
         beyond = ", priced above it" if op.bytes > hi else ", priced below it" if op.bytes < lo else ""

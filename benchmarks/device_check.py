@@ -270,7 +270,7 @@ def campaign(check: Check, only: str, name: str) -> dict[str, Any]:
 def width_probes(check: Check, hidden: int, host_runs: dict[str, Path]) -> list[Path]:
     """The compute probes at the width's exact dimensions, and the host probe (shared by the
     widths whose layer narrows to the same one: the probe measures at HOST_WIDTH)."""
-    from microbench.model.workload import narrowed
+    from microbench.model.config import narrowed
     plan, wdir = check.plan, check.out / f"width-{hidden}"
     flags = [*dims(plan, hidden), *check.probe_flags()]
     dirs = measure_probes(width_config(plan, hidden), text=f"h{hidden}", out=wdir, done={},

@@ -27,8 +27,7 @@ import numpy as np
 
 from analysis.calibrate import HOST_PHASE_RATIO
 from microbench.harness.cli import ArgumentParser, user_path
-from microbench.model.config import preset, with_layout
-from microbench.model.workload import HOST_WIDTH
+from microbench.model.config import HOST_WIDTH, preset, with_layout
 
 LAYERS = (2, 10)
 MICROBATCHES = 8

@@ -6,10 +6,11 @@ every DP group of the grid at once.
 
 The rank's gradients are the workload's (its largest stage's parameters in the config's
 grad dtype: fp32 accumulation for the 1T run), cut into buckets of ``--bucket-mb`` MiB
-(default 3e7 elements, DeepSpeed's reduce bucket). ``--zero 0`` allreduces each bucket;
-``--zero 1`` reduces the gradient buckets as the workload's ``grad_sync`` says (DeepSpeed:
-an allreduce of each bucket; flat buffers: a reduce-scatter) and then allgathers the updated
-(model-dtype) parameters. One row per bucket collective, one row timing the measured
+(default 3e7 elements, DeepSpeed's reduce bucket). ``--zero 0`` (every probe's layout flag;
+default the preset's) allreduces each bucket; ``--zero 1`` and ``2`` reduce the gradient
+buckets as the workload's ``grad_sync`` says (DeepSpeed: an allreduce of each bucket; flat
+buffers: a reduce-scatter) and then allgather the updated (model-dtype) parameters (one
+reduction: the step's count of them is the workload's). One row per bucket collective, one row timing the measured
 buckets back to back, and a derived ``dp_sync_step`` row: that time × the extrapolation
 factor (all buckets / measured buckets, by bytes) when ``--max-bytes`` keeps fewer buckets
 in memory than the step has. Bounded by the DP groups' links (inter-node on a real layout).
@@ -52,8 +53,6 @@ class DpAllreduce(Probe):
         p.add_argument("--max-bytes", default=None,
                        help="most bucket bytes a rank may hold (K/M/G); fewer buckets are timed "
                             "and the step is extrapolated (default: all buckets)")
-        p.add_argument("--zero", type=int, default=None, choices=(0, 1),
-                       help="0: allreduce; 1: the gradient reduction (DeepSpeed: allreduce) + allgather (default: the config's)")
         p.add_argument("--groups", default="all", choices=("all", "one"),
                        help="all DP groups at once (as in a step), or one with the rest idle")
         p.add_argument("--grad-tp", type=int, default=None,

@@ -7,7 +7,7 @@ On a GPU or XPU the host (Python, autograd, the launch path of every kernel) run
 the device, so a layer costs about max(host, device); on a CPU the two add. This probe
 measures the host's term: one layer of the preset (the workload's operations in Megatron's
 order — norm, fused QKV, rotary, attention core, projection, residual, norm, FC1, SwiGLU or
-GELU, FC2, residual, with the model's dropout) at :data:`~microbench.model.workload.HOST_WIDTH`
+GELU, FC2, residual, with the model's dropout) at :data:`~microbench.model.config.HOST_WIDTH`
 (hidden 64, seq 64), a width at which every kernel is far shorter than the code around it,
 so the device would idle if it were infinitely fast. Per phase as a step runs it: ``fwd``
 (under ``no_grad`` with full recompute, as Megatron's checkpointed forward), ``recompute``
@@ -33,8 +33,7 @@ from microbench.harness.compute import ComputeProbe, Work, randn
 from microbench.harness.contract import Case, Context
 from microbench.harness.engine import main_for
 from microbench.harness.timing import Timer
-from microbench.model.config import with_layout
-from microbench.model.workload import HOST_WIDTH, narrowed
+from microbench.model.config import HOST_WIDTH, narrowed, with_layout
 
 PATHS = ("fused", "explicit")
 DROPOUT = 0.1  # Megatron's hidden and attention dropout where the model has it

@@ -22,6 +22,13 @@ time extrapolated linearly (``extrapolation``, ``time_us_step``): the op is a st
 memory. In a step the optimizer runs after the whole backward has evicted its state, so
 every iteration starts cold: a 256 MiB buffer is written before it, untimed
 (``cold_cache``) — without that a small shard is timed from cache, several times too fast.
+
+copy_fresh: where the step's gradient sync copies into buffers it allocates for the copy
+(DeepSpeed's flatten and buckets, ``workload.FRESH_COPY``), the copy into a new buffer at
+each of those sizes, the previous one freed — on a CPU the allocator gives large buffers back
+to the kernel and each page faults on its first touch; a device's caching allocator reuses
+its blocks. Sizes above 2^26 elements (CPU) or 2^28 (GPU) are measured at that size and
+priced from the fit. Check: the copy equals its source exactly.
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ from microbench.harness.compute import ComputeProbe, Work, copy_peak_case, randn
 from microbench.harness.contract import Case, Context
 from microbench.harness.engine import main_for
 from microbench.harness.modelargs import config_from_args
-from microbench.model.workload import adam_bytes_per_param, workload
+from microbench.model.config import dtype_bytes
+from microbench.model.workload import FRESH_COPY, adam_bytes_per_param, workload
 from microbench.runtime.errors import UsageError
 
 FLUSH_BYTES = 256 << 20  # > 2× the largest last-level caches (H100 L2 50 MB, EPYC L3 ≤ 128 MB per CCD group)
@@ -56,6 +64,30 @@ def memop_shapes(cfg, *, scale: float = 1.0) -> list[dict[str, Any]]:
                     "dtype": op.dtype, "count": op.count,
                     "explicit_attention_only": op.explicit_attention_only})
     return out
+
+
+FRESH_MAX_ELEMENTS = {"cpu": 1 << 26, "device": 1 << 28}
+
+
+def fresh_copy_shapes(cfg, *, device_kind: str) -> list[dict[str, Any]]:
+    """One case per size of the step's copies into new buffers (:data:`workload.FRESH_COPY`)."""
+    w, cap = workload(cfg), FRESH_MAX_ELEMENTS["cpu" if device_kind == "cpu" else "device"]
+    sizes = sorted({(op.elements, op.dtype) for op in w.step if getattr(op, "name", "") == FRESH_COPY}, reverse=True)
+    return [{"op": FRESH_COPY, "phase": "step", "elements": min(n, cap), "step_elements": n,
+             "bytes_moved": 2 * min(n, cap) * dtype_bytes(dt), "dtype": dt} for n, dt in sizes]
+
+
+def fresh_copy_work(f: dict[str, Any], *, seed: int, device) -> Work:
+    import torch
+    src = randn((f["elements"],), seed=seed, dtype=f["dtype"], device=device)
+    result: dict[str, Any] = {}
+
+    def run() -> None:  # the previous buffer is freed when this one replaces it, as a framework's is
+        result["out"] = torch.empty_like(src).copy_(src)
+
+    def check() -> tuple[int, int]:
+        return int((~(result["out"] == src)).sum().item()), f["elements"]  # NaN ≠ NaN: wrong
+    return Work(run, check, result=lambda: [result["out"]])
 
 
 ADAM = ("fused", "torch")
@@ -261,12 +293,14 @@ class LayerOps(ComputeProbe):
             s.update(dtype=ctx.args.dtype, norm=m.norm, head_dim=m.head_dim,
                      vocab_shard=m.vocab_size // ctx.cfg.parallel.tp)
             yield self.case(ctx, f"{s['op']}-{s['phase']}", kind="memop", **s)
+        for s in fresh_copy_shapes(ctx.cfg, device_kind=ctx.world.device_kind):
+            yield self.case(ctx, f"{s['op']}-{s['step_elements']}", kind="memop", **s)
         cap = ctx.args.adam_max_params or (1 << 23 if ctx.world.device_kind == "cpu" else 1 << 28)
         yield self.case(ctx, "adamw-step", kind="memop", **adamw_shape(ctx.cfg, scale=ctx.args.scale,
                                                                        max_params=cap, adam=ctx.args.adam))
 
     def op_setup(self, ctx: Context, case: Case, *, seed: int) -> Work:
-        work = adamw_work if case.fields["op"] == "adamw" else memop_work
+        work = {"adamw": adamw_work, FRESH_COPY: fresh_copy_work}.get(case.fields["op"], memop_work)
         return work(case.fields, seed=seed, device=ctx.device)
 
 

@@ -14,7 +14,7 @@ from microbench.model.config import tiny, with_layout
 from microbench.gemm import Gemm, gemm_shapes, gemm_work
 from microbench.harness.engine import run_probe
 from microbench.harness.modelargs import config_from_args
-from microbench.layer_ops import LayerOps, adamw_shape, adamw_work, memop_shapes, memop_work
+from microbench.layer_ops import LayerOps, adamw_shape, adamw_work, fresh_copy_work, memop_shapes, memop_work
 
 from tests.launch import have_mpi, run_local, run_mpi
 
@@ -141,6 +141,26 @@ def test_layer_ops_and_adamw_match_float64(dtype):
     work = adamw_work({**adamw_shape(tiny(), max_params=4096), "dtype": dtype}, seed=3, device="cpu")
     work.run()
     assert work.check() == (0, 2048)
+
+
+def test_copy_fresh_cases_are_the_steps_buffer_sizes():
+    """mds-cpu at seq 256, dp2: 18,878,976 gradient elements (the all_reduce a profiled
+    Megatron-DeepSpeed run makes); ZeRO-1/2 also copy the rank's half into a new partition
+    buffer, ZeRO-0 only flattens; a shard above the CPU cap is measured at 2^26 elements."""
+    from microbench.layer_ops import fresh_copy_shapes
+    from microbench.model.config import preset
+    mds = with_layout(preset("mds-cpu"), seq_len=256, dp=2)
+    for zero, sizes in ((0, [18_878_976]), (2, [18_878_976, 9_439_488])):
+        shapes = fresh_copy_shapes(with_layout(mds, zero_stage=zero), device_kind="cpu")
+        assert [s["elements"] for s in shapes] == sizes
+        assert [s["bytes_moved"] for s in shapes] == [8 * n for n in sizes]  # fp32, read + write
+    assert fresh_copy_shapes(with_layout(mds, dp=1), device_kind="cpu") == []
+    big = fresh_copy_shapes(with_layout(preset("alcf-1t"), dp=2), device_kind="cpu")[0]
+    assert big["elements"] == 1 << 26 and big["step_elements"] > 1 << 26
+    work = fresh_copy_work({**fresh_copy_shapes(with_layout(tiny(), dp=2), device_kind="cpu")[0], "dtype": "bf16"},
+                           seed=3, device="cpu")
+    work.run()
+    assert work.check() == (0, tiny().stage_params(0))
 
 
 def test_spec_peaks():

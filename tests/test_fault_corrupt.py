@@ -79,7 +79,9 @@ def _compute_works():
     from microbench.attention import attention_shapes, attention_work
     from microbench.model.config import tiny
     from microbench.gemm import gemm_work
-    from microbench.layer_ops import adamw_shape, adamw_work, memop_shapes, memop_work
+    from microbench.layer_ops import (adamw_shape, adamw_work, fresh_copy_shapes, fresh_copy_work, memop_shapes,
+                                      memop_work)
+    from microbench.model.config import with_layout
     cfg = tiny()
     m = cfg.model
     ops = {s["op"]: s for s in memop_shapes(cfg) if s["phase"] == "fwd"}
@@ -94,6 +96,8 @@ def _compute_works():
         "layer_ops-norm": lambda: memop_work({**ops["norm"], **extra}, seed=2, device="cpu"),
         "layer_ops-adamw": lambda: adamw_work({**adamw_shape(cfg, max_params=4096), "dtype": "fp32"},
                                               seed=2, device="cpu"),
+        "layer_ops-copy_fresh": lambda: fresh_copy_work(
+            fresh_copy_shapes(with_layout(cfg, dp=2, zero_stage=1), device_kind="cpu")[0], seed=2, device="cpu"),
     }
 
 

@@ -197,6 +197,23 @@ def test_the_softmax_timed_inside_the_explicit_attention_probe_is_not_priced_aga
     assert only_fused.memop(op).seconds == pytest.approx((2 + (1 << 20) / 1e4) * 1e-6, rel=1e-6)
 
 
+def test_a_copy_into_a_new_buffer_is_priced_from_its_own_rows_or_says_what_stands_in():
+    """The step's copies into new buffers (workload.FRESH_COPY) take layer_ops' copy_fresh rows;
+    a profile without them prices the copy as a warm one and says the first touch is left out."""
+    from microbench.model.workload import FRESH_COPY, MemOp
+    copy = [dict(kind="memop", op="copy", phase="fwd", bytes_moved=1 << 27, time_us=10_000.0, status="ok")]
+    fresh = [dict(kind="memop", op=FRESH_COPY, phase="step", bytes_moved=b, time_us=t, status="ok")
+             for b, t in ((75_000_000, 30_000.0), (150_000_000, 59_000.0))]
+    op = MemOp(FRESH_COPY, "step", 18_750_000, 150_000_000, "fp32", 2, inner=18_750_000)
+    both = MeasuredProfile.from_rows(pd.DataFrame(copy + fresh), fallback="aurora").memop(op)
+    assert both.seconds == pytest.approx(0.059, rel=1e-9)  # one call; the step's count multiplies it
+    assert both.source == "measured (α–β fit of copy_fresh over 7.5e+07–1.5e+08 B)"
+    warm = MeasuredProfile.from_rows(pd.DataFrame(copy), fallback="aurora").memop(op)
+    assert warm.seconds == pytest.approx(0.010 * 150_000_000 / (1 << 27), rel=1e-9)
+    assert warm.source.startswith("extrapolated (α–β fit of copy (copy_fresh not measured: priced as a copy "
+                                  "into a used buffer, without the first touch of a new one)")
+
+
 def test_a_tp_overlap_figure_does_not_hide_blocking_allreduces():
     df = pd.DataFrame([{"kind": "overlap", "op": "overlap", "axis": "tp", "status": "ok",
                         "time_us": 1.0, "extra": {"exposed_fraction": 0.1}}])

@@ -30,8 +30,8 @@ from typing import Any, Sequence
 import pandas as pd
 
 from microbench.harness.cli import user_path
-from microbench.model.config import TrainConfig, with_layout
-from microbench.model.workload import distinct_gemms, narrowed, workload
+from microbench.model.config import TrainConfig, narrowed, with_layout
+from microbench.model.workload import distinct_gemms, workload
 
 from analysis.crosscheck import Comparison, CrossCheckError, MeasuredStep, compare, measured_from_run
 from analysis.crosscheck.probes import PROBES, complete, measure_probes, parse_layout, probe_flags, require_system, run_command

@@ -93,7 +93,8 @@ def probe_flags(cfg: TrainConfig) -> list[str]:
             flags += [f"--{flag}", str(dims[field])]
     flags += ["--tp", str(p.tp), "--pp", str(p.pp), "--dp", str(p.dp), "--mbs", str(p.micro_batch),
               "--recompute", p.recompute]
-    return flags + (["--sequence-parallel"] if p.sequence_parallel else [])
+    return flags + (["--sequence-parallel"] if p.sequence_parallel else []) + \
+        (["--zero", str(p.zero_stage)] if p.zero_stage else [])
 
 
 SWEPT = ("allreduce", "allgather", "reduce_scatter")

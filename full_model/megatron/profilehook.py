@@ -18,6 +18,9 @@ never pickle):
 * ``ops-rank{R}.csv`` — ``torch.profiler`` (CPU, shapes) over iteration
   ``MICROBENCH_MDS_PROFILE_ITER`` (default 4): per op and input shape, calls, self and total
   CPU µs;
+* ``stacks-rank{R}.csv`` — the same iteration by the op's Python call stack (its innermost
+  six frames, ``file(line): function`` joined by `` < ``): which framework code called each op
+  whose self time over the iteration is at least 1 ms;
 * ``meta-rank{R}.json`` — threads (``torch.get_num_threads``), ``OMP_NUM_THREADS``, pid.
 
 The profiled iteration runs slower (the profiler's own cost); the others are only wrapped
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 ENV, ENV_ITER = "MICROBENCH_MDS_PROFILE", "MICROBENCH_MDS_PROFILE_ITER"
+STACK_DEPTH, STACK_MIN_US = 6, 1000.0  # stacks-rank{R}.csv: the Python frames above each op costing ≥ 1 ms
 WRAPPED = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
            "reduce_scatter", "barrier", "send", "recv", "isend", "irecv")
 
@@ -77,6 +81,21 @@ def _write_ops(prof, path: Path) -> None:
         for e in prof.key_averages(group_by_input_shape=True):
             w.writerow([e.key, str(e.input_shapes), e.count, f"{e.self_cpu_time_total:.1f}",
                         f"{e.cpu_time_total:.1f}"])
+    with open(path.with_name(path.name.replace("ops-", "stacks-")), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "stack", "calls", "self_cpu_us", "cpu_total_us"])
+        for e in prof.key_averages(group_by_stack_n=STACK_DEPTH):
+            if e.self_cpu_time_total >= STACK_MIN_US:
+                w.writerow([e.key, " < ".join(e.stack), e.count, f"{e.self_cpu_time_total:.1f}",
+                            f"{e.cpu_time_total:.1f}"])
+
+
+def _python_frames(torch) -> dict:
+    """torch 2.x records an op's Python frames only with the profiler's verbose experimental
+    config (``with_stack`` alone leaves ``FunctionEvent.stack`` empty); without that private
+    class the stacks file has no frames."""
+    config = getattr(getattr(torch._C, "_profiler", None), "_ExperimentalConfig", None)
+    return {"experimental_config": config(verbose=True)} if config is not None else {}
 
 
 def install(out_dir: str, rank: int) -> None:
@@ -103,7 +122,8 @@ def install(out_dir: str, rank: int) -> None:
         state["t0"] = time.perf_counter_ns()
         if _State.iteration == which:
             from torch.profiler import ProfilerActivity, profile
-            state["prof"] = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+            state["prof"] = profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=True,
+                                    **_python_frames(torch))
             state["prof"].__enter__()
 
     def end() -> None:

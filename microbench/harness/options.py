@@ -20,7 +20,7 @@ from microbench.runtime.errors import UsageError
 if TYPE_CHECKING:
     from microbench.harness.contract import Probe
 
-PROBE_MODEL_FLAGS = ("model", *DIM_FLAGS, "tp", "pp", "dp", "mbs", "recompute", "sequence-parallel")
+PROBE_MODEL_FLAGS = ("model", *DIM_FLAGS, "tp", "pp", "dp", "mbs", "recompute", "sequence-parallel", "zero")
 """A probe measures a preset's shapes on a layout, its dimensions overridden where stated
 (``--model mds-cpu --hidden 256 --seq 256``: the shapes a framework run of that model has)."""
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: far above any real run, far below timedelta's limit

@@ -356,3 +356,17 @@ def with_layout(cfg: TrainConfig, **changes: object) -> TrainConfig:
         changes["ranks_per_node"] = 0
     parallel = dataclasses.replace(p, **changes)
     return TrainConfig(model=model, parallel=parallel, note=cfg.note)
+
+
+HOST_WIDTH = dict(hidden=64, num_heads=4, ffn_hidden=256, seq_len=64)
+"""Where host time is measured: a width at which every kernel is far shorter than the host's
+code around it (the host probe, the Megatron framework probe), so a phase's time is the host's."""
+
+
+def narrowed(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` at :data:`HOST_WIDTH` — same layout, layers, micro-batches, recompute, norm, MLP
+    kind and dropout; four query heads with the model's GQA ratio kept where it divides."""
+    m = cfg.model
+    group = m.num_heads // m.num_kv_heads
+    kv = max(1, HOST_WIDTH["num_heads"] // group) if HOST_WIDTH["num_heads"] % group == 0 else HOST_WIDTH["num_heads"]
+    return with_layout(cfg, **HOST_WIDTH, num_kv_heads=kv)

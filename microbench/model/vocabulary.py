@@ -70,6 +70,15 @@ MEGATRON_TIMERS = {"forward-compute": "compute", "backward-compute": "compute",
 """Megatron-LM's timer names (``--timing-log-level``) → breakdown timers."""
 
 
+# --- memory-bound ops a measured profile may price from another ------------------------------
+FRESH_COPY = "copy_fresh"
+"""A copy into a buffer allocated for it: the allocator's first touch of the pages is in it
+(``microbench.layer_ops`` measures it at the step's sizes; a device's caching allocator hands
+back used blocks, a CPU's returns large ones to the kernel, and every page faults again)."""
+STAND_IN = {FRESH_COPY: ("copy", "priced as a copy into a used buffer, without the first touch of a new one")}
+"""An op a measured profile has no rows of → the measured op that prices it, and what it leaves out."""
+
+
 # --- a prediction as JSON ------------------------------------------------------------------
 @dataclass(frozen=True)
 class PredictionSummary:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from microbench.model.config import TrainConfig, dtype_bytes
-from microbench.model.vocabulary import PASS_PHASE
+from microbench.model.vocabulary import FRESH_COPY, PASS_PHASE
 
 Phase = Literal["fwd", "dgrad", "wgrad", "bwd", "recompute", "step"]
 
@@ -402,13 +402,25 @@ def _last(head_gemms: tuple[Gemm, ...], head_memops: tuple[MemOp, ...], collecti
             *_tp_reduction(collectives, "lm_head_tp_reduce", "bwd"))
 
 
+def _deepspeed_passes(n: int, dp: int, zero: int) -> tuple[tuple[str, int, int], ...]:
+    """(op, elements, passes) per reduction of DeepSpeed 0.18's gradient sync, read from its code
+    and seen in a profiled Megatron-DeepSpeed run (``full_model.megatron.profilehook``'s stacks):
+    ZeRO-0 (``engine.allreduce_bucket``) flattens into a new buffer, scales, copies back;
+    ZeRO-1/2 (``stage_1_and_2``) copy into the bucket that ``setup_buckets`` allocates for each
+    reduction, scale it, flatten the rank-ordered slices into a new buffer (full passes), copy
+    the rank's slice back and into ``grads_in_partition``, allocated again after each reduction
+    (``_release_ipg_buffers``) (passes over 1/dp)."""
+    if zero == 0:
+        return (FRESH_COPY, n, 1), ("copy", n, 2)
+    return (FRESH_COPY, n, 2), ("copy", n, 1), (FRESH_COPY, n // dp, 1), ("copy", n // dp, 1)
+
+
 def _step(cfg: TrainConfig, stage: int) -> tuple[tuple[Collective, ...], tuple, MemOp]:
     """The DP sync once (what the DP probe measures), the step's ops, the optimizer. DeepSpeed
-    (``grad_sync``) allreduces each flattened bucket, ZeRO-1/2 too, with full passes over the
-    gradient: ZeRO-0 flattens, scales, copies back (3); ZeRO-1/2 copy into the bucket, scale,
-    flatten (3), copy the rank's slice back and into its partition (2 of 1/dp). ZeRO-1 reduces
-    at the boundary, ZeRO-2 in every micro-batch; ZeRO-3 reduce-scatters in every micro-batch,
-    gathers in every forward and backward; flat buffers reduce in place (ZeRO: reduce-scatter)."""
+    (``grad_sync``) allreduces each flattened bucket, ZeRO-1/2 too, with passes over the gradient
+    (:func:`_deepspeed_passes`). ZeRO-1 reduces at the boundary, ZeRO-2 in every micro-batch;
+    ZeRO-3 reduce-scatters in every micro-batch, gathers in every forward and backward; flat
+    buffers reduce in place (ZeRO: reduce-scatter)."""
     p, dt, params, mb = cfg.parallel, cfg.model.dtype, cfg.stage_params(stage), cfg.parallel.num_microbatches
     reductions, ops, dp = mb if p.zero_stage >= 2 else 1, (), ()
     if p.dp > 1:
@@ -419,27 +431,12 @@ def _step(cfg: TrainConfig, stage: int) -> tuple[tuple[Collective, ...], tuple, 
         dp = (reduce, *gather)
         ops = (dataclasses.replace(reduce, count=reductions),
                *(dataclasses.replace(g, count=2 * mb if p.zero_stage >= 3 else 1) for g in gather))
-        for n, passes in ((params, 3 * reductions), (params // p.dp, 2 * reductions if p.zero_stage else 0)):
-            if deepspeed and passes:  # the full gradient's passes; ZeRO-1/2's over the rank's slice
-                ops += (MemOp("copy", "step", n, 2 * n * dtype_bytes(p.grad_dtype), p.grad_dtype, passes, inner=n),)
+        for name, n, passes in _deepspeed_passes(params, p.dp, p.zero_stage) if deepspeed else ():
+            ops += (MemOp(name, "step", n, 2 * n * dtype_bytes(p.grad_dtype), p.grad_dtype, passes * reductions,
+                          inner=n),)
     opt_params = params // p.dp if p.zero_stage >= 1 else params
     opt = MemOp("adamw", "step", opt_params, opt_params * adam_bytes_per_param(dt), "fp32", inner=opt_params)
     return dp, ops + (opt,), opt
-
-
-HOST_WIDTH = dict(hidden=64, num_heads=4, ffn_hidden=256, seq_len=64)
-"""Where host time is measured: a width at which every kernel is far shorter than the host's
-code around it (the host probe, the Megatron framework probe), so a phase's time is the host's."""
-
-
-def narrowed(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` at :data:`HOST_WIDTH` — same layout, layers, micro-batches, recompute, norm, MLP
-    kind and dropout; four query heads with the model's GQA ratio kept where it divides."""
-    from microbench.model.config import with_layout
-    m = cfg.model
-    group = m.num_heads // m.num_kv_heads
-    kv = max(1, HOST_WIDTH["num_heads"] // group) if HOST_WIDTH["num_heads"] % group == 0 else HOST_WIDTH["num_heads"]
-    return with_layout(cfg, **HOST_WIDTH, num_kv_heads=kv)
 
 
 def distinct_gemms(cfg: TrainConfig) -> list[Gemm]:
