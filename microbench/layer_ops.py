@@ -24,7 +24,7 @@ every iteration starts cold: a 256 MiB buffer is written before it, untimed
 (``cold_cache``) — without that a small shard is timed from cache, several times too fast.
 
 copy_fresh: where the step's gradient sync copies into buffers it allocates for the copy
-(DeepSpeed's flatten and buckets, ``workload.FRESH_COPY``), the copy into a new buffer at
+(DeepSpeed's flatten and buckets, ``vocabulary.FRESH_COPY``), the copy into a new buffer at
 each of those sizes, the previous one freed — on a CPU the allocator gives large buffers back
 to the kernel and each page faults on its first touch; a device's caching allocator reuses
 its blocks. Sizes above 2^26 elements (CPU) or 2^28 (GPU) are measured at that size and
@@ -70,7 +70,7 @@ FRESH_MAX_ELEMENTS = {"cpu": 1 << 26, "device": 1 << 28}
 
 
 def fresh_copy_shapes(cfg, *, device_kind: str) -> list[dict[str, Any]]:
-    """One case per size of the step's copies into new buffers (:data:`workload.FRESH_COPY`)."""
+    """One case per size of the step's copies into new buffers (:data:`vocabulary.FRESH_COPY`)."""
     w, cap = workload(cfg), FRESH_MAX_ELEMENTS["cpu" if device_kind == "cpu" else "device"]
     sizes = sorted({(op.elements, op.dtype) for op in w.step if getattr(op, "name", "") == FRESH_COPY}, reverse=True)
     return [{"op": FRESH_COPY, "phase": "step", "elements": min(n, cap), "step_elements": n,

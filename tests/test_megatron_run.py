@@ -389,6 +389,35 @@ def test_profile_hook_records_a_run_without_the_pipeline_engine(tmp_path, monkey
     assert set(coll["op"]) == {"all_reduce"} and set(coll["group_size"]) == {2}
 
 
+def test_the_profile_hook_names_the_python_code_that_called_each_costly_op(tmp_path):
+    """stacks-rank{R}.csv: how ZeRO's flatten was found (DeepSpeed's allreduce_bucket calling
+    torch.cat). A function of this test costs ≥ 1 ms in one op and is named in its stack; an op
+    below the threshold is left out."""
+    import pandas as pd
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from full_model.megatron import profilehook
+    parts = [torch.randn(1 << 20) for _ in range(16)]
+
+    def flatten_the_gradient():
+        for _ in range(4):  # 4 × 64 MiB written: tens of ms on any CPU
+            torch.cat(parts)
+
+    def tiny_add():
+        torch.ones(4).add_(1)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=True,
+                 **profilehook._python_frames(torch)) as prof:
+        flatten_the_gradient()
+        tiny_add()
+    profilehook._write_ops(prof, tmp_path / "ops-rank0.csv")
+    stacks = pd.read_csv(tmp_path / "stacks-rank0.csv")
+    assert list(stacks.columns) == ["name", "stack", "calls", "self_cpu_us", "cpu_total_us"]
+    cat = stacks[stacks["name"] == "aten::cat"]
+    assert len(cat) == 1 and cat["calls"].iloc[0] == 4 and "flatten_the_gradient" in cat["stack"].iloc[0]
+    assert (stacks["self_cpu_us"] >= profilehook.STACK_MIN_US).all()
+    assert not stacks["stack"].str.contains("tiny_add").any()
+
+
 def test_a_free_port_is_taken_below_the_kernels_ephemeral_range(tmp_path, monkeypatch):
     """The grid's zero1-dp2 run of 2026-12-03 died on EADDRINUSE at port 48371: ``bind(0)``
     hands out ports of the ephemeral range (32768–60999 here), which any outgoing connection
