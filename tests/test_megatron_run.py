@@ -374,7 +374,15 @@ def test_profile_hook_records_a_run_without_the_pipeline_engine(tmp_path, monkey
     monkeypatch.setattr(DeepSpeedEngine, "step", lambda self: None)
     monkeypatch.setattr(DeepSpeedEngine, "is_gradient_accumulation_boundary", lambda self: boundary["now"])
     monkeypatch.setenv(profilehook.ENV_ITER, "9")  # no torch.profiler pass in this test
-    profilehook.install(str(tmp_path), 0)
+    # a relative DIR, and the rank then changes into the framework's source (as rank.main
+    # does): the files still land where the user named (before, every write after install
+    # failed and the run logged each step as skipped)
+    (tmp_path / "start").mkdir()
+    (tmp_path / "source").mkdir()
+    monkeypatch.chdir(tmp_path / "start")
+    profilehook.install("prof", 0)
+    monkeypatch.chdir(tmp_path / "source")
+    tmp_path = tmp_path / "start" / "prof"
     engine = object.__new__(DeepSpeedEngine)
     for it in range(2):  # two iterations of two micro-batches; 3 and 5 elements reduced
         for mb in range(2):

@@ -100,11 +100,14 @@ def _python_frames(torch) -> dict:
 
 def install(out_dir: str, rank: int) -> None:
     """Wrap the collectives and the iteration of this rank: the pipeline engine's
-    ``train_batch``, or without it the engine's micro-batches up to the boundary's ``step``."""
+    ``train_batch``, or without it the engine's micro-batches up to the boundary's ``step``.
+    ``out_dir`` relative to where the rank starts."""
     import torch
     import torch.distributed as dist
     from deepspeed.runtime.pipe.engine import PipelineEngine
-    out = Path(out_dir)
+    # absolute now: the rank then changes into the framework's source, and a relative DIR
+    # (as the README types it) written at the end of each iteration would name no directory
+    out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     which = int(os.environ.get(ENV_ITER, "4"))
     _wrap_collectives(dist)
