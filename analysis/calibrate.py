@@ -190,6 +190,9 @@ def _vtrain_case(r: _Row, *, ranks_per_node: int) -> Observation:
     par = ParallelConfig(tp=tp, pp=r.num("pipeline parallelism"), dp=r.num("data parallelism"),
                          micro_batch=r.num("micro batch"), global_batch=r.num("global batch"),
                          recompute="full", grad_dtype="fp16", grad_sync="flat", ranks_per_node=ranks_per_node)
+    if r.has("# GPUs") and par.world_size != r.num("# GPUs"):
+        raise ValueError(f"{r.where}: tensor × pipeline × data parallelism = {par.tp} × {par.pp} × {par.dp} = "
+                         f"{par.world_size} ≠ '# GPUs' {r.raw('# GPUs')}")
     label = f"{r.num('Parameters (billion)', float):g}B" if r.has("Parameters (billion)") else _size_label(model)
     return Observation(TrainConfig(model=model, parallel=par), r.num("iteration time (ms)", float) / 1e3, label,
                 p2p_scatter_gather=True)
@@ -209,6 +212,9 @@ def _own_case(r: _Row, *, ranks_per_node: int) -> Observation:
                          grad_dtype=r.text("grad_dtype", "fp32"),  # type: ignore[arg-type]
                          grad_sync=r.text("grad_sync", "deepspeed"),  # type: ignore[arg-type]
                          sequence_parallel=r.flag("sequence_parallel", False), ranks_per_node=ranks_per_node)
+    if r.has("ranks") and par.world_size != r.num("ranks"):
+        raise ValueError(f"{r.where}: tp × pp × dp = {par.tp} × {par.pp} × {par.dp} = {par.world_size} "
+                         f"≠ ranks {r.raw('ranks')}")
     t = r.num("step_time_s", float) if r.has("step_time_s") or not r.has("elapsed_ms") \
         else r.num("elapsed_ms", float) / 1e3
     return Observation(TrainConfig(model=model, parallel=par), t, _size_label(model),
@@ -227,6 +233,8 @@ def read_cases(path: str | Path, *, ranks_per_node: int = 8) -> list[Observation
     vtrain = "hidden size" in rows[0]
     cases = []
     for i, row in enumerate(rows, start=2):
+        if row.get(None):  # csv.DictReader's restkey: fields beyond the header
+            raise ValueError(f"{path}:{i}: {len(row) - 1 + len(row[None])} fields, the header has {len(row) - 1}")
         r = _Row(row, where=f"{path}:{i}")
         try:
             cases.append((_vtrain_case if vtrain else _own_case)(r, ranks_per_node=ranks_per_node))

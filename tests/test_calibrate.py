@@ -151,6 +151,38 @@ def test_bad_csv_is_one_line_naming_file_line_and_column(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and f"{path}:3" in err and "grad_sync must be deepspeed or flat, got 'nccl'" in err
 
 
+VT_HEADER = ("Parameters (billion),# GPUs,global batch,micro batch,hidden size,attention heads,# layers,"
+             "sequence length,tensor parallelism,data parallelism,pipeline parallelism,iteration time (ms)")
+VT_ROW = "3.6,64,512,8,3072,32,30,2048,1,64,1,3566.5"
+
+
+@pytest.mark.parametrize("bad, text", [
+    (VT_ROW + ",7,8", "14 fields, the header has 12"),  # a shifted or pasted row
+    (VT_ROW.replace(",2048,1,64,", ",2048,2,64,"), "1 × 64 = 128 ≠ '# GPUs' 64"),  # layout ≠ GPUs
+    (VT_ROW.replace("3.6,64,", "3.6,64.5,"), "'# GPUs': '64.5' is not a valid int"),
+], ids=["extra-fields", "layout-vs-gpus", "fractional-gpus"])
+def test_vtrain_row_that_disagrees_with_itself_is_refused(tmp_path, capsys, bad, text):
+    """A row with more fields than the header, or whose TP × PP × DP is not its '# GPUs', was
+    scored as if it were right (MAPE printed, exit 0); it is now one line naming it (exit 2)."""
+    path = tmp_path / "vt.csv"
+    path.write_text("\n".join([VT_HEADER, VT_ROW, bad]) + "\n")
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}:3" in err and text in err, err
+    path.write_text("\n".join([VT_HEADER, VT_ROW, VT_ROW]) + "\n")  # the same file without the fault
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 0
+
+
+def test_project_row_whose_layout_is_not_its_ranks_is_refused(tmp_path, capsys):
+    path = tmp_path / "runs.csv"
+    _write_project_csv(path)
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join([rows[0] + ",ranks", rows[1] + ",8", rows[2] + ",4"]) + "\n")
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}:3" in err and "1 × 2 × 4 = 8 ≠ ranks 4" in err, err
+
+
 def test_vtrain_runs_are_megatron_local_ddp_and_the_project_format_says_which(tmp_path):
     """vTrain's Megatron runs reduce one contiguous gradient buffer in place (no DeepSpeed
     engine copies); the project's CSV defaults to DeepSpeed and takes a ``grad_sync`` column."""
