@@ -46,6 +46,13 @@ def _run(tmp: Path, *, rows: bytes | None = None, manifest: bytes | None = None,
     return str(d)
 
 
+def _row(**fields) -> bytes:
+    """One allreduce row as the probe writes it, with ``fields`` replaced."""
+    row = {"schema_version": 1, "probe": "allreduce", "case": "a", "bytes": 1024, "dtype": "fp32",
+           "world_size": 2, "iters": 3, "time_us": 10.0, "time_us_samples": [9.0, 10.0, 11.0], "status": "ok"}
+    return (json.dumps({**row, **fields}) + "\n").encode()
+
+
 def _log(tmp: Path, bad: str) -> str:
     good = [GOOD_ITER.format(i=i, e="120.0", loss="2.5") for i in (1, 2)]
     return _file(tmp, "log.txt", "\n".join([*good, bad, GOOD_ITER.format(i=4, e="121.0", loss="2.4")]) + "\n")
@@ -87,6 +94,28 @@ CASES = [
      2, "rows.jsonl: missing"),
     ("results", "run-with-zero-rows", lambda t: ("analysis.report", [_run(t, rows=b"")], {}),
      2, "the run has no rows"),
+    # a row's known fields (microbench.runtime.results.row_problem): each was read as data
+    ("results", "time-negative", lambda t: ("analysis.report", [_run(t, rows=_row(time_us=-5.0))], {}), 2,
+     "rows.jsonl:1: time_us -5.0 is not a finite time ≥ 0 µs"),
+    ("results", "time-nan", lambda t: ("analysis.report", [_run(t, rows=_row(time_us=float("nan")))], {}), 2,
+     "rows.jsonl:1: time_us nan is not a finite time"),
+    ("results", "time-zero-ok", lambda t: ("analysis.report", [_run(t, rows=_row(time_us=0))], {}), 2,
+     "rows.jsonl:1: time_us 0 in an ok row"),
+    ("results", "sample-text", lambda t: ("analysis.report", [_run(t, rows=_row(time_us_samples=[1.0, "x"]))], {}),
+     2, "time_us_samples 'x' is not a finite time"),
+    ("results", "shape-fractional", lambda t: ("analysis.report", [_run(t, rows=_row(m=64.5))], {}), 2,
+     "rows.jsonl:1: m 64.5 is not an integer ≥ 1"),
+    ("results", "bytes-negative", lambda t: ("analysis.report", [_run(t, rows=_row(bytes=-1024))], {}), 2,
+     "bytes -1024 is not an integer ≥ 0"),
+    ("results", "status-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(status="maybe"))], {}), 2,
+     "status 'maybe' is not one of ok, failed, skipped"),
+    ("results", "dtype-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(dtype="fp7"))], {}), 2,
+     "dtype 'fp7' is not one of"),
+    ("results", "world-vs-manifest", lambda t: ("analysis.report", [_run(t, rows=_row(world_size=64))], {}), 2,
+     "world_size 64, but the run's manifest says 2"),
+    ("results", "digits-past-limit", lambda t: ("analysis.report", [_run(t, rows=(
+        '{"schema_version": 1, "probe": "allreduce", "m": ' + "9" * 5000 + '}\n').encode())], {}), 2,
+     "rows.jsonl:1: unreadable JSON line"),
     ("results", "empty-system-yaml", lambda t: ("analysis.predict", ["--model", "tiny", "--system",
                                                                      _file(t, "empty.yaml", "")], {}),
      2, "empty.yaml: empty"),
@@ -161,6 +190,15 @@ def test_bad_input_is_one_line(tmp_path, cls, name, build, code, text):
     module, argv, extra = build(tmp_path)
     res = invoke(module, argv, extra)
     assert clean_usage_error(res, code, text), (res.returncode, res.stderr)
+
+
+def test_the_good_row_the_corruptions_start_from_is_read(tmp_path):
+    """The control for the row cases above: the same row, uncorrupted, reports (exit 0)."""
+    from microbench.runtime.results import read_run
+    _, rows = read_run(_run(tmp_path, rows=_row()))
+    assert rows[0]["time_us"] == 10.0
+    res = invoke("analysis.report", [str(tmp_path / "run"), "--out", str(tmp_path / "rep")], {})
+    assert res.returncode == 0, res.stderr
 
 
 @pytest.mark.parametrize("name, line, kept", LOGS, ids=[n for n, _, _ in LOGS])

@@ -273,6 +273,50 @@ def _read_text(path: Path) -> str:
         raise ResultsError(f"{path}: cannot read: {e.strerror}") from None
 
 
+ROW_STATUSES = ("ok", "failed", "skipped")
+"""How a row says its case ended (a case's status; a run's is :data:`STATUSES`)."""
+ROW_DTYPES = ("bf16", "fp16", "fp32", "fp64", "int32", "int64")
+"""The dtype names a row carries (microbench.harness.options.CANONICAL_DTYPE's values)."""
+_COUNTS = {"m": 1, "n": 1, "k": 1, "batch": 1, "world_size": 1, "iters": 1, "warmup": 0, "bytes": 0,
+           "num_wrong": 0, "num_checked": 0}
+"""Integer fields of a row and their least value."""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def row_problem(row: dict[str, Any], manifest: dict[str, Any] | None = None) -> str | None:
+    """What is wrong with one row's known fields (None when nothing is): its status is one of
+    :data:`ROW_STATUSES` and its dtype one of :data:`ROW_DTYPES`; its world size is its run's
+    (the manifest's, where both say); a count (``m``, ``bytes``, ``world_size`` …) is an integer at least its
+    least value; every ``time_us*`` figure and sample is a finite number ≥ 0, and an ``ok``
+    row's ``time_us`` is > 0 (a measured case took time). Fields it does not know are left alone."""
+    status = row.get("status")
+    if "status" in row and status not in ROW_STATUSES:
+        return f"status {status!r} is not one of {', '.join(ROW_STATUSES)}"
+    if "dtype" in row and row["dtype"] not in ROW_DTYPES:
+        return f"dtype {row['dtype']!r} is not one of {', '.join(ROW_DTYPES)}"
+    for key, least in _COUNTS.items():
+        if key in row and row[key] is not None:
+            v = row[key]
+            if not (_is_number(v) and float(v).is_integer() and v >= least):
+                return f"{key} {v!r} is not an integer ≥ {least}"
+    for key, v in row.items():
+        if not key.startswith(("time_us", "warmup_us")) or v is None:
+            continue
+        values = v if isinstance(v, list) else [v]
+        for x in values:
+            if not (_is_number(x) and math.isfinite(x) and x >= 0):
+                return f"{key} {x!r} is not a finite time ≥ 0 µs"
+    if status == "ok" and "time_us" in row and row["time_us"] == 0:
+        return "time_us 0 in an ok row: a measured case takes time"
+    run_world = (manifest or {}).get("world_size")
+    if row.get("world_size") is not None and run_world is not None and row["world_size"] != run_world:
+        return f"world_size {row['world_size']!r}, but the run's manifest says {run_world!r}"
+    return None
+
+
 def read_run(run_dir: str | os.PathLike, *, problems: list[str] | None = None
              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Manifest and rows of one run directory, with the schema checked line by line.
@@ -295,6 +339,9 @@ def read_run(run_dir: str | os.PathLike, *, problems: list[str] | None = None
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ResultsError(f"{mpath}: schema_version {version!r}, this version reads {SCHEMA_VERSION}")
+    world = manifest.get("world_size")
+    if world is not None and not (_is_number(world) and float(world).is_integer() and world >= 1):
+        raise ResultsError(f"{mpath}: world_size {world!r} is not an integer ≥ 1")
     if manifest.get("status") == "running":
         manifest = _after_closer(d, manifest, problems)
     manifest["status"] = run_status(manifest)
@@ -310,7 +357,9 @@ def read_run(run_dir: str | os.PathLike, *, problems: list[str] | None = None
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
+            if not isinstance(e, json.JSONDecodeError):
+                raise ResultsError(f"{rpath}:{lineno}: unreadable JSON line ({e}): {line[:80]!r}") from None
             if torn and lineno == len(lines):
                 msg = (f"{rpath}:{lineno}: torn last line left out ({len(line)} bytes, no "
                        f"newline: the run was killed or the disk filled mid-write)")
@@ -323,6 +372,9 @@ def read_run(run_dir: str | os.PathLike, *, problems: list[str] | None = None
         if row.get("schema_version") != SCHEMA_VERSION:
             raise ResultsError(f"{rpath}:{lineno}: schema_version {row.get('schema_version')!r}, "
                                f"this version reads {SCHEMA_VERSION}")
+        bad = row_problem(row, manifest)
+        if bad:
+            raise ResultsError(f"{rpath}:{lineno}: {bad}")
         rows.append(row)
     return manifest, rows
 
