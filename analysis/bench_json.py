@@ -11,6 +11,7 @@ derived from the median (flop → tflops, bytes_moved → gbps).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -44,7 +45,14 @@ def load_benchmark_json(path: str | os.PathLike) -> pd.DataFrame:
                "group": b.get("group"), **(b.get("extra_info") or {})}
         for key, col in STATS_US.items():
             if key in stats:
-                row[col] = stats[key] * 1e6
+                v = stats[key]
+                if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                    raise ResultsError(f"{p}: benchmarks[{i}] ({b.get('name')}): stats.{key} {v!r} is not a "
+                                       "finite time ≥ 0 s")
+                row[col] = v * 1e6
+        if row["time_us_median"] == 0:
+            raise ResultsError(f"{p}: benchmarks[{i}] ({b.get('name')}): stats.median 0: a measured "
+                               "benchmark takes time")
         row["time_us"] = row["time_us_median"]
         row["statistic"] = "median"
         row["iters"] = stats.get("rounds")

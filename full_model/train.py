@@ -28,7 +28,7 @@ from full_model.reference import PROBE
 from microbench.harness.cli import ArgumentParser
 from microbench.harness.lifecycle import RUN, install_signal_handlers, usage_exit
 from microbench.harness.modelargs import DIM_FLAGS, add_model_args, config_from_args, preset_config
-from microbench.harness.options import MAX_TIMEOUT_S, check_out
+from microbench.harness.options import MAX_TIMEOUT_S, check_out, check_thread_env
 from microbench.model.config import ModelConfig, TrainConfig
 from microbench.runtime import results
 from microbench.runtime.errors import UsageError
@@ -128,6 +128,7 @@ def validate_numbers(args: argparse.Namespace) -> None:
     if not 0 < args.timeout_s <= MAX_TIMEOUT_S:
         raise UsageError(f"--timeout-s {args.timeout_s}: must be > 0 and ≤ {MAX_TIMEOUT_S:g} "
                          "(a finite number of seconds)")
+    check_thread_env(os.environ)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -119,6 +119,12 @@ CASES = [
     ("results", "empty-system-yaml", lambda t: ("analysis.predict", ["--model", "tiny", "--system",
                                                                      _file(t, "empty.yaml", "")], {}),
      2, "empty.yaml: empty"),
+    # libgomp warned and ignored it, and a set variable also stopped the ranks sharing the cores
+    ("env", "omp-threads-abc", lambda t: (AR, [], {"OMP_NUM_THREADS": "abc"}), 2, "OMP_NUM_THREADS='abc'"),
+    ("env", "omp-threads-0", lambda t: (TR, [], {"OMP_NUM_THREADS": "0"}), 2, "OMP_NUM_THREADS='0'"),
+    ("env", "omp-threads-megatron", lambda t: ("full_model.megatron", ["run", "--model", "mds-cpu", "--out",
+                                                                       str(t / "m")], {"OMP_NUM_THREADS": "2x"}),
+     2, "OMP_NUM_THREADS='2x' is not a positive thread count"),
     ("env", "pmi-rank-abc", lambda t: (AR, [], {"PMI_RANK": "abc", "PMI_SIZE": "2"}), 2, "PMI_RANK='abc'"),
     ("env", "torchrun-vs-pmi", lambda t: (AR, [], {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
                                                     "PMI_RANK": "0", "PMI_SIZE": "2"}), 2,

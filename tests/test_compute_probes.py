@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 
 import pytest
@@ -284,6 +285,26 @@ def test_benchmark_json_rejects_other_json(tmp_path):
     bad.write_text('{"rows": []}')
     with pytest.raises(ResultsError, match="other.json: not pytest-benchmark JSON"):
         load(bad)
+
+
+@pytest.mark.parametrize("median, text", [(-0.1, "stats.median -0.1 is not a finite time ≥ 0 s"),
+                                           (float("nan"), "stats.median nan is not a finite time"),
+                                           ("fast", "stats.median 'fast' is not a finite time"),
+                                           (0, "stats.median 0: a measured benchmark takes time")])
+def test_benchmark_json_with_a_corrupt_time_is_named(tmp_path, median, text):
+    """A negative or NaN median was loaded as a time (and text raised a TypeError); the good
+    document it is made from loads (the control)."""
+    from analysis.load import load
+    from microbench.runtime.results import ResultsError
+    doc = {"machine_info": {"node": "h"}, "datetime": "2026-12-03",
+           "benchmarks": [{"name": "test_x", "stats": {"median": 0.002, "min": 0.001, "rounds": 3}}]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(doc))
+    assert load(path)["time_us"].tolist() == [2000.0]
+    doc["benchmarks"][0]["stats"]["median"] = median
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ResultsError, match=re.escape(f"bench.json: benchmarks[0] (test_x): {text}")):
+        load(path)
 
 
 def test_compute_does_not_import_peak():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -144,12 +145,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from full_model.megatron.run import RunOptions, refuse_unrunnable, run
     from full_model.megatron.setup import SetupError, resolve_source
     from microbench.runtime.errors import UsageError as RtUsage
+    from microbench.harness.options import check_thread_env
     from microbench.runtime.launch import detect_launcher
     info = detect_launcher()
     if info is not None and (info.world_size or 1) > 1:
         raise UserError(f"run under {info.launcher} with {info.world_size} ranks: `run` starts its own ranks "
                         "(--launcher mpiexec|spawn); start it as one process")
     try:
+        check_thread_env(os.environ)
         cfg = config_from_args(args, layout="world")
         refuse_unrunnable(cfg, args.device)
         source = resolve_source(args.source)

@@ -92,6 +92,21 @@ def validate_run_flags(args: argparse.Namespace, *, backends: Sequence[str] = BA
         raise UsageError(f"--backend {args.backend!r}: choose one of {', '.join(backends)}")
     if args.device not in DEVICES:
         raise UsageError(f"--device {args.device!r}: choose one of {', '.join(DEVICES)}")
+    check_thread_env(os.environ)
+
+
+def check_thread_env(env) -> None:
+    """``OMP_NUM_THREADS``, where set, is a positive count (or OpenMP's comma list of them).
+    Anything else, libgomp warns about and ignores, and since a set variable also stops the
+    suite sharing the node's cores between its ranks, every rank would run the default
+    thread count: oversubscribed CPU timings, nothing said but a warning in the middle."""
+    value = env.get("OMP_NUM_THREADS")
+    if value is None:
+        return
+    parts = value.split(",")
+    if not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise UsageError(f"environment variable OMP_NUM_THREADS={value!r} is not a positive thread "
+                         "count (e.g. 1, or 4,2 for nested levels); set it or unset it")
 
 
 def validate_common(args: argparse.Namespace) -> None:
