@@ -55,6 +55,12 @@ BASE = "base: {model: mds-cpu}\nconfigs:\n"
     ("runs: 0\n" + BASE + "  - {name: a, tp: 2}\n", "runs: 0 is not an integer ≥ 1"),
     ("configs: []\n", "a non-empty list 'configs'"),
     ("configs: [\n", "cannot read the grid"),
+    # a value of the wrong type went into the config as YAML read it: `maybe` turned sequence
+    # parallelism on and the grid ran; `1e9` (YAML 1.1: a string) raised a TypeError
+    (BASE + "  - {name: a, tp: 2, sequence-parallel: maybe}\n", "configs[0] (a): sequence-parallel: 'maybe' is not true or false"),
+    (BASE + "  - {name: a, tp: 2, hidden: 1e9}\n", "configs[0] (a): hidden: '1e9' is not an integer"),
+    (BASE + "  - {name: a, tp: true}\n", "configs[0] (a): tp: True is not an integer"),
+    (BASE + "  - {name: a, tp: 2, recompute: 1}\n", "configs[0] (a): recompute: 1 is not a string"),
 ])
 def test_a_bad_grid_is_refused_in_one_line_before_anything_runs(tmp_path, body, expect):
     p = tmp_path / "grid.yaml"

@@ -88,12 +88,22 @@ def _positive(value: Any, what: str, minimum: int = 1) -> int:
     return value
 
 
+_FLAG_TYPES = {"model": str, "dtype": str, "recompute": str, "gated": bool, "sequence-parallel": bool}
+"""A grid entry's flag and the type its value must have (every other flag: an integer)."""
+_TYPE_WORDS = {str: "a string", bool: "true or false", int: "an integer"}
+
+
 def _config(entry: dict[str, Any], *, where: str) -> TrainConfig:
     """The entry's configuration, through the same flag handling every command uses."""
     ns = argparse.Namespace(**{k.replace("-", "_"): None for k in ALL_FLAGS})
     setattr(ns, READ, ALL_FLAGS)
     for key, value in entry.items():
         if key in ALL_FLAGS:
+            want = _FLAG_TYPES.get(key, int)
+            if value is not None and (not isinstance(value, want) or want is int and isinstance(value, bool)):
+                # YAML reads `true`, `1e9` (no dot: a string) and `2.5` as they are; a flag's
+                # command-line type is what each must be, as argparse would have made it
+                raise CrossCheckError(f"{where}: {key}: {value!r} is not {_TYPE_WORDS[want]}")
             setattr(ns, key.replace("-", "_"), value)
     try:
         return config_from_args(ns, layout="preset")
