@@ -153,6 +153,15 @@ LOGS = [
     ("elapsed-inf", GOOD_ITER.format(i=3, e="inf", loss="2.5"), 3),
     ("elapsed-negative", GOOD_ITER.format(i=3, e="-120.0", loss="2.5"), 3),
     ("loss-nan", GOOD_ITER.format(i=3, e="120.0", loss="nan"), 4),
+    # each of these was read as a record like any other
+    ("iteration-beyond-total", GOOD_ITER.format(i=11, e="120.0", loss="2.5"), 3),
+    ("iteration-zero", GOOD_ITER.format(i=0, e="120.0", loss="2.5"), 3),
+    ("elapsed-1e308", GOOD_ITER.format(i=3, e="1e308", loss="2.5"), 3),
+    ("another-runs-record", GOOD_ITER.format(i=3, e="120.0", loss="2.5").replace("/      10", "/      20"), 3),
+    ("two-records-one-line", GOOD_ITER.format(i=3, e="120.0", loss="2.5") * 2, 3),
+    ("record-cut-short", GOOD_ITER.format(i=3, e="120.0", loss="2.5")[:60], 3),
+    ("loss-negative", GOOD_ITER.format(i=3, e="120.0", loss="-2.5"), 4),
+    ("iteration-again", GOOD_ITER.format(i=2, e="120.0", loss="2.5"), 4),
 ]
 
 

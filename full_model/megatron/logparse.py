@@ -125,6 +125,13 @@ def _digits(text: str) -> int | float:
     return int(text) if len(text) <= 18 else math.inf
 
 
+_MAX_ELAPSED_MS = 7 * 24 * 3600 * 1e3
+"""One iteration longer than a week is not a measurement (the suite's longest --timeout-s)."""
+_NON_NEGATIVE = ("lm_loss", "learning_rate", "loss_scale", "grad_norm", "samples_per_second",
+                 "tokens_per_gpu_per_second", "tflops_lm", "tflops_ds", "tflops")
+"""Measured or logged quantities that a negative value cannot be (a cross-entropy loss, a rate)."""
+
+
 def _check_iteration(row: dict, raw: str, lineno: int, warnings: list[tuple[int, str]]) -> bool:
     """Refuse what cannot be a measurement, naming the line: an elapsed time that is NaN,
     infinite, zero or negative, or an iteration number too large to be one (False: the
@@ -134,6 +141,15 @@ def _check_iteration(row: dict, raw: str, lineno: int, warnings: list[tuple[int,
     if elapsed is None or not math.isfinite(elapsed) or elapsed <= 0:
         warnings.append((lineno, f"elapsed time {elapsed} ms is not a time (NaN, infinite, zero "
                                  "or negative): record refused"))
+        return False
+    if elapsed > _MAX_ELAPSED_MS:
+        warnings.append((lineno, f"elapsed time {elapsed:g} ms: longer than a week for one iteration, "
+                                 "not a plausible time: record refused"))
+        return False
+    it, total = row.get("iteration"), row.get("train_iters")
+    if it is not None and math.isfinite(it) and (it < 1 or total is not None and math.isfinite(total) and it > total):
+        warnings.append((lineno, f"iteration {it} of {total}: outside 1..{total} (Megatron counts "
+                                 "iterations from 1 to --train-iters): record refused"))
         return False
     for col in ("iteration", "train_iters"):
         v = row.get(col)
@@ -146,6 +162,11 @@ def _check_iteration(row: dict, raw: str, lineno: int, warnings: list[tuple[int,
         if col not in ("iteration", "train_iters", "lineno") and v is not None and \
                 not (math.isfinite(v) and abs(v) < _MAX_INT):
             warnings.append((lineno, f"{col} {v}: not a plausible count: left empty"))
+            row[col] = None
+    for col in _NON_NEGATIVE:
+        v = row.get(col)
+        if v is not None and math.isfinite(v) and v < 0:
+            warnings.append((lineno, f"{col} {v}: negative, which it cannot be: left empty"))
             row[col] = None
     for col, v in list(row.items()):
         if isinstance(v, float) and not math.isfinite(v):
@@ -259,6 +280,8 @@ class _Reader:
         self.unreadable: list[tuple[int, str]] = []
         self.warnings: list[tuple[int, str]] = []
         self.last_iter: int | None = None
+        self.seen: dict[tuple, int] = {}  # (format, iteration) -> the line it was first read at
+        self.first_total: tuple[int, int] | None = None  # (line, train_iters) of the first record
         self.minmax_block = False
         self.comms_table: CommsTable | None = None
 
@@ -316,16 +339,43 @@ class _Reader:
         """A DeepSpeed pipeline ``steps:`` line, or a Megatron iteration line; a line that
         looks like one but cannot be read (or fails the plausibility check) is kept, unread."""
         row = _parse_ds_pipe(raw, lineno)
+        heads = len(_ITER_HEAD.findall(raw)) if row is None else 0
+        if heads > 1:  # two ranks' (or two runs') output interleaved on one line
+            self.warnings.append((lineno, f"{heads} iteration records on one line (interleaved output): "
+                                          "record refused"))
+            self.unreadable.append((lineno, raw))
+            return
         if row is None and _ITER_HINT.search(raw) and _ELAPSED_HINT.search(raw):
             row = _parse_megatron_iteration(raw, lineno, self.warnings)
             if row is None:
                 self.unreadable.append((lineno, raw))
                 return
+        elif row is None and heads and "|" in raw[_ITER_HEAD.search(raw).end():]:
+            self.unreadable.append((lineno, raw))  # an iteration record cut short before its time
+            return
         if row is None:
             return
         if not _check_iteration(row, raw, lineno, self.warnings):
             self.unreadable.append((lineno, raw))
             return
+        if row.get("train_iters") is not None:
+            if self.first_total is None:
+                self.first_total = (lineno, row["train_iters"])
+            elif row["train_iters"] != self.first_total[1]:
+                self.warnings.append((lineno, f"train_iters {row['train_iters']}, but line {self.first_total[0]} "
+                                              f"says {self.first_total[1]}: another run's record in the "
+                                              "same log: record refused"))
+                self.unreadable.append((lineno, raw))
+                return
+        key = (row.get("format"), row["iteration"])
+        if key in self.seen:
+            self.warnings.append((lineno, f"iteration {row['iteration']} again (first at line {self.seen[key]}): "
+                                          "a restarted or concatenated log; both kept"))
+        elif self.iters and row.get("format") != "deepspeed_pipe" and self.last_iter is not None \
+                and row["iteration"] < self.last_iter:
+            self.warnings.append((lineno, f"iteration {row['iteration']} after {self.last_iter}: the log "
+                                          "goes back (a restart from a checkpoint?); kept"))
+        self.seen.setdefault(key, lineno)
         self.iters.append(row)
         self.last_iter = row["iteration"]
 
