@@ -38,6 +38,7 @@ system YAMLs' calibration records).
 from __future__ import annotations
 
 import csv
+import difflib
 import datetime as _dt
 import json
 import sys
@@ -221,8 +222,17 @@ def _own_case(r: _Row, *, ranks_per_node: int) -> Observation:
                 p2p_scatter_gather=r.flag("scatter_gather", False))
 
 
-def read_cases(path: str | Path, *, ranks_per_node: int = 8) -> list[Observation]:
-    """Every row of a vTrain or project CSV as an Observation; ValueError names file, line and column."""
+OWN_COLUMNS = ("layers", "hidden", "heads", "kv_heads", "ffn", "gated", "seq", "vocab", "norm", "dtype",
+               "dropout", "tied", "tp", "pp", "dp", "mbs", "gbs", "interleave", "recompute", "zero",
+               "grad_dtype", "grad_sync", "sequence_parallel", "scatter_gather", "ranks", "step_time_s",
+               "elapsed_ms")
+"""The columns the project's own CSV format is read from (:func:`_own_case`)."""
+
+
+def read_cases(path: str | Path, *, ranks_per_node: int = 8, ignored: list[str] | None = None) -> list[Observation]:
+    """Every row of a vTrain or project CSV as an Observation; ValueError names file, line and column.
+    In the project format a column that is a known one misspelt (``recompte``, ``Recompute``) is
+    refused; any other it does not read (a note, a name) is appended to ``ignored``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"calibration data {str(path)!r} not found")
@@ -231,6 +241,16 @@ def read_cases(path: str | Path, *, ranks_per_node: int = 8) -> list[Observation
     if not rows:
         raise ValueError(f"{path}: no rows")
     vtrain = "hidden size" in rows[0]
+    if not vtrain:
+        known = {c.lower(): c for c in OWN_COLUMNS}
+        for col in (c for c in rows[0] if c is not None and c not in OWN_COLUMNS):
+            close = known.get(col.strip().lower()) or next(iter(difflib.get_close_matches(
+                col.strip().lower(), known, n=1, cutoff=0.8)), None)
+            if close:  # a misspelt column would leave its setting at the default, unsaid
+                raise ValueError(f"{path}: column {col!r} is not one this reader knows: did you mean "
+                                 f"{known.get(close, close)!r}?")
+            if ignored is not None:
+                ignored.append(col)
     cases = []
     for i, row in enumerate(rows, start=2):
         if row.get(None):  # csv.DictReader's restkey: fields beyond the header
@@ -426,7 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--max-nfev {a.max_nfev}: must be ≥ 1")
         if a.ranks_per_node:  # the node size is the machine's: it goes into the profile
             prof = prof.with_knobs({"node.ranks_per_node": a.ranks_per_node})
-        cases = read_cases(a.data, ranks_per_node=prof.ranks_per_node)
+        ignored: list[str] = []
+        cases = read_cases(a.data, ranks_per_node=prof.ranks_per_node, ignored=ignored)
+        if ignored:
+            print(f"calibrate: {a.data}: column(s) not read: {', '.join(ignored)}", file=sys.stderr)
         if a.score:
             s = summary(errors(prof, cases))
             print(json.dumps(s) if a.json else f"{prof.name} on {a.data}: {_pct(s)}")

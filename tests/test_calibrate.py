@@ -183,6 +183,22 @@ def test_project_row_whose_layout_is_not_its_ranks_is_refused(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and f"{path}:3" in err and "1 × 2 × 4 = 8 ≠ ranks 4" in err, err
 
 
+@pytest.mark.parametrize("col", ["recompte", "Recompute"])
+def test_a_misspelt_project_column_is_refused_and_another_is_named(tmp_path, capsys, col):
+    """``recompte,none`` was ignored: the rows were priced with full recompute (the default), a
+    40 % error where the runs' real setting gives 55 %, and nothing said so."""
+    path = tmp_path / "runs.csv"
+    _write_project_csv(path)
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join([rows[0] + f",{col}", rows[1] + ",none", rows[2] + ",none"]) + "\n")
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"column {col!r} is not one this reader knows: did you mean 'recompute'?" in err
+    path.write_text("\n".join([rows[0] + ",note", rows[1] + ",first", rows[2] + ",second"]) + "\n")
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 0
+    assert capsys.readouterr().err.strip() == f"calibrate: {path}: column(s) not read: note"
+
+
 def test_vtrain_runs_are_megatron_local_ddp_and_the_project_format_says_which(tmp_path):
     """vTrain's Megatron runs reduce one contiguous gradient buffer in place (no DeepSpeed
     engine copies); the project's CSV defaults to DeepSpeed and takes a ``grad_sync`` column."""
