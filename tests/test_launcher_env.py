@@ -5,13 +5,16 @@ Before: with a stale ``RANK=0`` under ``mpiexec -n 2`` rank 1 refused at once wh
 agreed with its own ``PMI_RANK=0``, went into ``MPI_Init`` and spun there (its peer never
 came), deaf to SIGTERM, until SIGKILLed minutes later. Now every rank initialises MPI
 (bounded by a guard process) and the verdicts are gathered over ``COMM_WORLD``."""
+import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.launch import env, have_mpi, kill_group, mpiexec, pids_with
+from tests.launch import REPO, env, have_mpi, kill_group, mpiexec, pids_with
 
 pytestmark = [pytest.mark.multirank, pytest.mark.mpi,
               pytest.mark.skipif(not have_mpi(), reason="needs mpiexec and mpi4py (the `local` extra)")]
@@ -68,3 +71,30 @@ def test_a_rank_stuck_in_mpi_init_is_ended_by_its_guard(tmp_path):
     assert code != 0 and "MPI initialisation did not complete within 1 s" in err and "guard" in err, err
     assert took < 1 + 5 + 10, took  # the bound, the guard's grace, and the launcher's clean-up
     assert left == [], left
+    # MPICH unlinks its shared-memory segment once every local rank has attached: the rank killed
+    # inside MPI_Init left it in /dev/shm (RAM) after every run like this; the guard removes it
+    named = re.search(r"removed its MPI shared memory (\S+)", err)
+    assert named and named.group(1).startswith("/dev/shm/mpich_shm_"), err
+    assert not Path(named.group(1)).exists()
+
+
+def test_the_guard_unlinks_only_the_mpich_segments_its_rank_maps(tmp_path):
+    """The stand-in rank maps an MPICH-named segment and a file of its own, then hangs in a guarded
+    phase: past the bound it is killed, the MPICH segment is gone and the other file is kept."""
+    seg, own = Path(f"/dev/shm/mpich_shm_test{os.getpid()}_0"), tmp_path / "own.bin"
+    script = tmp_path / "hang.py"
+    script.write_text("import mmap, sys, time\n"
+                      "from microbench.runtime.guard import guarded\n"
+                      "maps = []\n"
+                      "for p in sys.argv[1:]:\n"
+                      "    f = open(p, 'w+b'); f.truncate(4096); maps.append(mmap.mmap(f.fileno(), 4096))\n"
+                      "with guarded(0.2, 'error: stuck in the stand-in phase', announce=True):\n"
+                      "    print('hanging', flush=True); time.sleep(60)\n")
+    try:
+        res = subprocess.run([sys.executable, str(script), str(seg), str(own)], capture_output=True, text=True,
+                             timeout=30, env=env(), cwd=REPO)
+        assert res.returncode == -9, res
+        assert res.stderr.strip() == f"error: stuck in the stand-in phase; removed its MPI shared memory {seg}"
+        assert not seg.exists() and own.exists()
+    finally:
+        seg.unlink(missing_ok=True)

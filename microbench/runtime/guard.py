@@ -63,17 +63,42 @@ def guarded(seconds: float, message: str, *, announce: bool) -> Iterator[None]:
         guard.wait()
 
 
+SHM_MARK = "/dev/shm/mpich_shm_"
+"""MPICH's intra-node shared-memory segments: created in ``MPI_Init`` and unlinked once every
+local rank has attached, so a rank killed inside ``MPI_Init`` leaves its segment in RAM."""
+
+
+def mpi_segments(pid: int) -> list[str]:
+    """The MPICH shared-memory files that process ``pid`` maps and that still have a name."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return []
+    found = {line.split(None, 5)[5] for line in maps.splitlines()
+             if SHM_MARK in line and len(line.split(None, 5)) == 6 and not line.endswith("(deleted)")}
+    return sorted(found)
+
+
 def watch(parent: int, seconds: float, *, announce: bool, message: str) -> int:
-    """Wait for end-of-file on stdin or the bound; returns the exit status of the guard."""
+    """Wait for end-of-file on stdin or the bound; returns the exit status of the guard. Past
+    the bound: SIGKILL the parent and unlink the MPICH segments it mapped (the phase it was
+    stuck in is ``MPI_Init``, whose segment nobody else will unlink); the line names them."""
     ready, _, _ = select.select([sys.stdin], [], [], seconds)
     if ready:
         return 0  # the parent closed the pipe (or died): nothing to do
-    if announce:
-        print(message, file=sys.stderr, flush=True)
+    segments = mpi_segments(parent)
     try:
         os.kill(parent, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    removed = []
+    for path in segments:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            removed.append(path)
+    if announce:
+        print(message + (f"; removed its MPI shared memory {', '.join(removed)}" if removed else ""),
+              file=sys.stderr, flush=True)
     return 0
 
 
