@@ -111,6 +111,8 @@ CASES = [
      "status 'maybe' is not one of ok, failed, skipped"),
     ("results", "dtype-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(dtype="fp7"))], {}), 2,
      "dtype 'fp7' is not one of"),
+    ("results", "dtype-joined-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(dtype="fp32+fp7"))], {}),
+     2, "dtype 'fp32+fp7' is not one of"),
     ("results", "world-vs-manifest", lambda t: ("analysis.report", [_run(t, rows=_row(world_size=64))], {}), 2,
      "world_size 64, but the run's manifest says 2"),
     ("results", "digits-past-limit", lambda t: ("analysis.report", [_run(t, rows=(
@@ -208,8 +210,12 @@ def test_bad_input_is_one_line(tmp_path, cls, name, build, code, text):
 
 
 def test_the_good_row_the_corruptions_start_from_is_read(tmp_path):
-    """The control for the row cases above: the same row, uncorrupted, reports (exit 0)."""
+    """The control for the row cases above: the same row, uncorrupted, reports (exit 0); so does
+    a case over buffers of two dtypes, as dp_allreduce's measured sync writes it (``fp32+bf16``:
+    refused by the first version of the check, which broke the main job's prediction)."""
     from microbench.runtime.results import read_run
+    _, rows = read_run(_run(tmp_path / "mixed", rows=_row(dtype="fp32+bf16")))
+    assert rows[0]["dtype"] == "fp32+bf16"
     _, rows = read_run(_run(tmp_path, rows=_row()))
     assert rows[0]["time_us"] == 10.0
     res = invoke("analysis.report", [str(tmp_path / "run"), "--out", str(tmp_path / "rep")], {})

@@ -276,7 +276,8 @@ def _read_text(path: Path) -> str:
 ROW_STATUSES = ("ok", "failed", "skipped")
 """How a row says its case ended (a case's status; a run's is :data:`STATUSES`)."""
 ROW_DTYPES = ("bf16", "fp16", "fp32", "fp64", "int32", "int64")
-"""The dtype names a row carries (microbench.harness.options.CANONICAL_DTYPE's values)."""
+"""The dtype names a row carries (microbench.harness.options.CANONICAL_DTYPE's values); a case
+over buffers of several dtypes joins them with '+'."""
 _COUNTS = {"m": 1, "n": 1, "k": 1, "batch": 1, "world_size": 1, "iters": 1, "warmup": 0, "bytes": 0,
            "num_wrong": 0, "num_checked": 0}
 """Integer fields of a row and their least value."""
@@ -295,8 +296,10 @@ def row_problem(row: dict[str, Any], manifest: dict[str, Any] | None = None) -> 
     status = row.get("status")
     if "status" in row and status not in ROW_STATUSES:
         return f"status {status!r} is not one of {', '.join(ROW_STATUSES)}"
-    if "dtype" in row and row["dtype"] not in ROW_DTYPES:
-        return f"dtype {row['dtype']!r} is not one of {', '.join(ROW_DTYPES)}"
+    dtype = row.get("dtype")
+    if "dtype" in row and not (isinstance(dtype, str) and all(d in ROW_DTYPES for d in dtype.split("+"))):
+        # a case over several buffers names each dtype (dp_allreduce's measured sync: fp32+bf16)
+        return f"dtype {dtype!r} is not one of {', '.join(ROW_DTYPES)} (or several joined by '+')"
     for key, least in _COUNTS.items():
         if key in row and row[key] is not None:
             v = row[key]
