@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from microbench.runtime.results import ResultsError
+from microbench.runtime.results import ResultsError, is_number
 
 STATS_US = {"median": "time_us_median", "mean": "time_us_mean", "min": "time_us_min",
             "max": "time_us_max", "stddev": "time_us_stdev", "iqr": "time_us_iqr"}
@@ -46,7 +46,7 @@ def load_benchmark_json(path: str | os.PathLike) -> pd.DataFrame:
         for key, col in STATS_US.items():
             if key in stats:
                 v = stats[key]
-                if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                if not (is_number(v) and math.isfinite(v) and v >= 0):
                     raise ResultsError(f"{p}: benchmarks[{i}] ({b.get('name')}): stats.{key} {v!r} is not a "
                                        "finite time ≥ 0 s")
                 row[col] = v * 1e6

@@ -28,6 +28,7 @@ import pandas as pd
 
 from full_model.megatron.commslog import COMMS_COLUMNS, COMMS_HEAD, CommsTable
 from full_model.megatron.logtext import NUM, NUM_RE, TIMESTAMP, iso_timestamp, norm_key, number, strip_prefix
+from microbench.harness.options import MAX_TIMEOUT_S
 
 ITERATION_COLUMNS = [
     "iteration", "train_iters", "elapsed_ms", "global_batch_size", "lm_loss",
@@ -125,8 +126,8 @@ def _digits(text: str) -> int | float:
     return int(text) if len(text) <= 18 else math.inf
 
 
-_MAX_ELAPSED_MS = 7 * 24 * 3600 * 1e3
-"""One iteration longer than a week is not a measurement (the suite's longest --timeout-s)."""
+_MAX_ELAPSED_MS = MAX_TIMEOUT_S * 1e3
+"""One iteration longer than the suite's longest --timeout-s (a week) is not a measurement."""
 _NON_NEGATIVE = ("lm_loss", "learning_rate", "loss_scale", "grad_norm", "samples_per_second",
                  "tokens_per_gpu_per_second", "tflops_lm", "tflops_ds", "tflops")
 """Measured or logged quantities that a negative value cannot be (a cross-entropy loss, a rate)."""

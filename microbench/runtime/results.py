@@ -283,8 +283,12 @@ _COUNTS = {"m": 1, "n": 1, "k": 1, "batch": 1, "world_size": 1, "iters": 1, "war
 """Integer fields of a row and their least value."""
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_count(v: Any, least: int) -> bool:
+    return is_number(v) and float(v).is_integer() and v >= least
 
 
 def row_problem(row: dict[str, Any], manifest: dict[str, Any] | None = None) -> str | None:
@@ -302,15 +306,14 @@ def row_problem(row: dict[str, Any], manifest: dict[str, Any] | None = None) -> 
         return f"dtype {dtype!r} is not one of {', '.join(ROW_DTYPES)} (or several joined by '+')"
     for key, least in _COUNTS.items():
         if key in row and row[key] is not None:
-            v = row[key]
-            if not (_is_number(v) and float(v).is_integer() and v >= least):
-                return f"{key} {v!r} is not an integer ≥ {least}"
+            if not _is_count(row[key], least):
+                return f"{key} {row[key]!r} is not an integer ≥ {least}"
     for key, v in row.items():
         if not key.startswith(("time_us", "warmup_us")) or v is None:
             continue
         values = v if isinstance(v, list) else [v]
         for x in values:
-            if not (_is_number(x) and math.isfinite(x) and x >= 0):
+            if not (is_number(x) and math.isfinite(x) and x >= 0):
                 return f"{key} {x!r} is not a finite time ≥ 0 µs"
     if status == "ok" and "time_us" in row and row["time_us"] == 0:
         return "time_us 0 in an ok row: a measured case takes time"
@@ -343,7 +346,7 @@ def read_run(run_dir: str | os.PathLike, *, problems: list[str] | None = None
     if version != SCHEMA_VERSION:
         raise ResultsError(f"{mpath}: schema_version {version!r}, this version reads {SCHEMA_VERSION}")
     world = manifest.get("world_size")
-    if world is not None and not (_is_number(world) and float(world).is_integer() and world >= 1):
+    if world is not None and not _is_count(world, 1):
         raise ResultsError(f"{mpath}: world_size {world!r} is not an integer ≥ 1")
     if manifest.get("status") == "running":
         manifest = _after_closer(d, manifest, problems)
