@@ -345,7 +345,14 @@ class MeasuredProfile(SystemProfile):
 
     def host(self, h: HostPath) -> Priced:
         """The host probe's phase, for the attention path the step takes (the other path's
-        where that one was not measured)."""
+        where that one was not measured). A TP collective's call: on a synchronous device
+        (a CPU) inside the collective's measured time (the call returns when it is done), so
+        nothing apart; on an asynchronous one the host probe does not measure it (the spec's)."""
+        if h.name == "tp_call":
+            if not self.asynchronous:
+                return Priced(0.0, measured("in the collective probe's time: on a synchronous device the call "
+                                            "returns when the collective is done"))
+            return self.fallback.host(h)
         path = "fused" if self.attention_fused else "explicit"
         hit = self.host_rows.get((path, h.phase))
         how = ""
@@ -355,7 +362,7 @@ class MeasuredProfile(SystemProfile):
         if hit is None:
             return self.fallback.host(h)
         seconds, row = hit
-        return Priced(h.count * seconds, extrapolated(
+        return Priced(seconds, extrapolated(
             f"host probe at hidden {_whole(row.get('hidden'))} seq {_whole(row.get('seq'))}: the layer's {h.phase} less its "
             f"operations one by one, {seconds * 1e6:.1f} us; host time taken as width-independent{how}"))
 

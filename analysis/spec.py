@@ -62,6 +62,7 @@ class SpecProfile(SystemProfile):
         self.latency = {"intra": n.intra.latency, "inter": n.inter.latency}
         self.host_s = {"fwd": s.host.fwd_us * 1e-6, "recompute": s.host.recompute_us * 1e-6,
                        "bwd": s.host.bwd_us * 1e-6}
+        self.tp_call_s = s.host.tp_call_us * 1e-6
         self._overlap = {"dp": s.overlap.dp, "tp": s.overlap.tp, "tp_wgrad": s.overlap.tp_wgrad}
         self.dtype = s.device.dtype
         self.peak_tflops = self.peak_for(self.dtype)
@@ -194,7 +195,9 @@ class SpecProfile(SystemProfile):
         return Priced(t, self.spec_source("device:mem_bw_gbps", "efficiency.memop", "efficiency.memop_latency_us"))
 
     def host(self, h: HostPath) -> Priced:
-        return Priced(h.count * self.host_s[h.phase], self.spec_source(f"host.{h.phase}_us", "device:asynchronous"))
+        if h.name == "tp_call":
+            return Priced(self.tp_call_s, self.spec_source("host.tp_call_us", "device:asynchronous"))
+        return Priced(self.host_s[h.phase], self.spec_source(f"host.{h.phase}_us", "device:asynchronous"))
 
     def tp_sync(self, op) -> Priced:
         """A spec prices a TP reduction as a whole (its link, efficiency and latency stand for

@@ -89,10 +89,12 @@ class InterLink(_Strict):
 class HostSpec(_Strict):
     """The host's own time per layer per micro-batch in each phase (Python, autograd, the
     launch of every kernel and collective call): on a device that queues kernels asynchronously
-    a phase costs max(host, device), on a synchronous one their sum. 0 allowed: none."""
+    a phase costs max(host, device), on a synchronous one their sum. 0 allowed: none.
+    ``tp_call_us``: what each tensor-parallel collective call adds to the host (per call)."""
     fwd_us: NonNegative
     recompute_us: NonNegative
     bwd_us: NonNegative
+    tp_call_us: NonNegative
 
 
 class Network(_Strict):

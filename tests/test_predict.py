@@ -31,7 +31,7 @@ class GemmOnly(SystemProfile):
     def memop(self, op): return Priced(0.0, self.SRC)
     def collective(self, coll, placement): return Priced(self.comm_s, self.SRC)
     def p2p(self, coll, placement): return Priced(self.comm_s, self.SRC)
-    def host(self, h): return Priced(self.host_s.get(h.phase, 0.0), self.SRC)
+    def host(self, h): return Priced(self.host_s.get(h.phase if h.name == "layer" else h.name, 0.0), self.SRC)
     def tp_sync(self, op): return Priced(0.0, self.SRC)
     def overlap(self, kind): return Priced(self.exposed if kind == "dp" else 1.0, self.SRC)
     def sources(self): return {"peak": self.SRC, "memory": self.SRC}
@@ -256,6 +256,21 @@ def test_a_host_bound_layer_costs_its_host_time_on_an_asynchronous_device():
     assert pr.phases["fwd"]["bound"] == "host" and pr.phases["bwd"]["bound"] == "host"
     assert pr.phases["fwd"]["host_s"] == pytest.approx(4e-3) and pr.phases["bwd"]["device_s"] == pytest.approx(
         4 * 2 * LAYER_FWD_S + 2 * HEAD_FWD_S)
+
+
+def test_each_tp_collective_call_adds_its_host_time_in_its_phase():
+    """TP 2, full recompute: Megatron's 2 TP allreduces per layer in each of fwd, recompute and
+    bwd; host 1 ms a layer per phase and 100 µs a call: 1.2 ms a phase, host-bound on an
+    asynchronous device — a micro-batch costs 4 layers × 3 phases × 1.2 ms; at TP 1 no call."""
+    tp2 = with_layout(preset("tiny"), tp=2, dp=1, pp=1, recompute="full", global_batch=2)
+    host = {"fwd": 1e-3, "recompute": 1e-3, "bwd": 1e-3, "tp_call": 100e-6}
+    pr = predict(tp2, GemmOnly(host_s=host))
+    assert tp2.parallel.num_microbatches == 1
+    assert {ph: v["host_s"] for ph, v in pr.phases.items()} == pytest.approx(
+        {"fwd": 4 * 1.2e-3, "recompute": 4 * 1.2e-3, "bwd": 4 * 1.2e-3}, rel=1e-12)
+    assert pr.step_time_s == pytest.approx(4 * 3 * 1.2e-3, rel=1e-12)
+    tp1 = predict(with_layout(tp2, tp=1), GemmOnly(host_s=host))
+    assert tp1.phases["fwd"]["host_s"] == pytest.approx(4 * 1e-3, rel=1e-12)
 
 
 def test_a_device_bound_layer_hides_its_host_time():

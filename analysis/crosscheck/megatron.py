@@ -53,7 +53,7 @@ class HostTerm:
     source: str
 
     def profile(self, base: SystemProfile, cfg: TrainConfig) -> SystemProfile:
-        phases = [h.phase for h in workload(cfg).host]
+        phases = [h.phase for h in workload(cfg).host if h.name == "layer"]
         return WithHost(base, {ph: self.per_layer_microbatch_s / len(phases) for ph in phases}, self.source)
 
     def step_s(self, cfg: TrainConfig) -> float:

@@ -108,7 +108,10 @@ class HostPath:
 
     phase: Literal["fwd", "recompute", "bwd"]
     count: int = 1
-    name: str = "layer"
+    name: Literal["layer", "tp_call"] = "layer"
+    """``layer``: the layer's own host time in the phase (the host probe's, at TP 1). ``tp_call``:
+    the host's time to issue one tensor-parallel collective (Megatron's TP autograd functions
+    and the collective's call path), ``count`` of them in the phase; 0 calls at TP 1."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +247,7 @@ def workload(cfg: TrainConfig, *, stage: int | None = None,
     dp, step, opt = _step(cfg, stage)
     return Workload(
         config=cfg, tokens=T, gemms=_layer_gemms(cfg, T), attention=_attention(cfg),
-        memops=_layer_memops(cfg, T), collectives=collectives, host=_host_paths(cfg), syncs=_syncs(collectives),
+        memops=_layer_memops(cfg, T), collectives=collectives, host=_host_paths(cfg, collectives), syncs=_syncs(collectives),
         p2p=_p2p(cfg, T, p2p_scatter_gather), first=_first(head_memops, collectives),
         last=_last(head_gemms, head_memops, collectives), step=step, head_gemms=head_gemms,
         head_memops=head_memops, dp=dp, dp_grad_bytes=cfg.stage_params(stage) * dtype_bytes(p.grad_dtype),
@@ -348,10 +351,13 @@ def _syncs(collectives: tuple[Collective, ...]) -> tuple[TpSync, ...]:
                  for c in collectives if c.axis == "tp" and not c.overlappable)
 
 
-def _host_paths(cfg: TrainConfig) -> tuple[HostPath, ...]:
-    if cfg.parallel.recompute == "full":
-        return HostPath("fwd"), HostPath("recompute"), HostPath("bwd")
-    return HostPath("fwd"), HostPath("bwd")
+def _host_paths(cfg: TrainConfig, collectives: tuple[Collective, ...]) -> tuple[HostPath, ...]:
+    """The layer's host time per phase, and per phase the host's TP collective calls (the layer's
+    TP collectives of that phase, each call issued by the host whether or not it overlaps)."""
+    phases = ("fwd", "recompute", "bwd") if cfg.parallel.recompute == "full" else ("fwd", "bwd")
+    calls = {ph: sum(c.count for c in collectives if c.axis == "tp" and c.phase == ph) for ph in phases}
+    return (*(HostPath(ph) for ph in phases),
+            *(HostPath(ph, calls[ph], "tp_call") for ph in phases if calls[ph]))
 
 
 def _p2p(cfg: TrainConfig, T: int, scatter_gather: bool) -> tuple[Collective, ...]:
