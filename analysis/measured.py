@@ -201,6 +201,9 @@ class MeasuredProfile(SystemProfile):
         """The host probe's rows: per attention path and phase, the phase less its operations
         one by one (``host_us``), priced by the mean over iterations of the layer's time."""
         for _, r in df[df["kind"] == "host"].iterrows():
+            if r.get("op") == "tp_call":  # the host clock around one TP call (microbench.host)
+                self.host_rows[("-", "tp_call")] = (float(r["host_us"]) * 1e-6, dict(r))
+                continue
             ops_s = float(r.get("ops_us") or 0.0) * 1e-6
             self.host_rows[(str(r.get("path")), str(r["phase"]))] = (max(0.0, float(r["_t_s"]) - ops_s), dict(r))
 
@@ -352,7 +355,14 @@ class MeasuredProfile(SystemProfile):
             if not self.asynchronous:
                 return Priced(0.0, measured("in the collective probe's time: on a synchronous device the call "
                                             "returns when the collective is done"))
-            return self.fallback.host(h)
+            hit = self.host_rows.get(("-", "tp_call"))
+            if hit is None:
+                return self.fallback.host(h)
+            seconds, row = hit
+            return Priced(seconds, extrapolated(
+                f"host probe's tp_call: the host clock around one TP reduction call, {seconds * 1e6:.1f} us at "
+                f"{_whole(row.get('elements'))} elements on {_whole(row.get('group_size'))} ranks; taken as "
+                f"size-independent (the call returns at enqueue)"))
         path = "fused" if self.attention_fused else "explicit"
         hit = self.host_rows.get((path, h.phase))
         how = ""

@@ -21,6 +21,15 @@ narrowed run less the probes' price of its operations). On a GPU an operation ti
 is its tiny kernel; on a CPU it is the operation's dispatch and arithmetic, which its own
 probe already measures at full width. The check runs the layer in float64 and compares
 (loose: this probe is about time; the operation probes check the arithmetic tightly).
+
+With more than one rank, one more case, ``host-tp_call``: the host's time to issue one
+tensor-parallel reduction of the narrowed activation through a Megatron-style autograd function
+(``reduce_from_tensor_model_parallel_region``), read on the host clock around the call alone,
+every rank of the group starting together (``host_us``, median). On a device that queues work
+the call returns once the reduction is enqueued, so this is the host's share of a TP call
+(``host.tp_call_us`` of a spec); on a CPU the call returns when the reduction is done, so it is
+the whole collective, which the predictor prices from the collective probes instead. The check:
+every rank of the group holds the same reduced values afterwards.
 """
 from __future__ import annotations
 
@@ -141,6 +150,58 @@ def host_work(cfg, f: dict[str, Any], *, seed: int, device, timer: Timer | None,
     return Work(backward if phase == "bwd" else forward, check, result=result, aux={"ops_us_each": ops_us})
 
 
+def call_group(ctx: Context) -> int:
+    """The TP group of the call case: the preset's TP, at most the world, dividing it."""
+    g = min(max(1, ctx.cfg.parallel.tp), ctx.world.world_size)
+    return g if ctx.world.world_size % g == 0 else 1
+
+
+def tp_call_work(ctx: Context, f: dict[str, Any], *, seed: int, iters: int) -> Work:
+    """One TP reduction through a Megatron-style autograd function; at set-up, the host clock
+    around the call alone, ``iters`` times, the group's ranks released together each time."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+    g, world = f["group_size"], ctx.world.world_size
+    groups = [ctx.world.group(list(range(i, i + g))) for i in range(0, world, g)]  # every rank, every group
+    group, first = groups[ctx.rank // g], ctx.rank - ctx.rank % g
+
+    class Reduce(torch.autograd.Function):  # reduce_from_tensor_model_parallel_region's forward
+        @staticmethod
+        def forward(c, x):
+            dist.all_reduce(x, group=group)
+            return x
+
+        @staticmethod
+        def backward(c, dy):
+            return dy
+
+    x = randn((f["elements"],), seed=seed, dtype=f["dtype"], device=ctx.device)
+    timer = Timer(ctx.world)
+
+    def call() -> None:
+        Reduce.apply(x)
+        x.div_(g)  # the mean: the values stay where they were
+
+    host_us = []
+    for _ in range(iters + 2):
+        timer.sync()
+        dist.barrier(group=group)
+        timer.sync()
+        t0 = time.perf_counter()
+        Reduce.apply(x)
+        host_us.append((time.perf_counter() - t0) * 1e6)
+        x.div_(g)
+    timer.sync()
+
+    def check() -> tuple[int, int]:
+        ref = x.clone()
+        dist.broadcast(ref, src=first, group=group)
+        return int((~torch.isfinite(x)).sum() + (x != ref).sum()), x.numel()
+    return Work(call, check, output=x, aux={"call_host_us": statistics.median(host_us[2:])})
+
+
 def loose_tolerance(ref, dtype: str):
     """32 roundings of the layer's ~20 operations, each at most u·(|y| + rms y) (u the storage
     dtype's, or the matmul engine's input rounding where larger: TF32): NaN, ±inf, zeros and
@@ -199,8 +260,19 @@ class Host(ComputeProbe):
                                 dtype=ctx.args.dtype, hidden=cfg.model.hidden, seq=cfg.model.seq_len,
                                 heads=cfg.model.num_heads, recompute=cfg.parallel.recompute,
                                 width=dict(HOST_WIDTH))
+        g = call_group(ctx)
+        if g > 1 and ctx.args.concurrent == "all":  # a collective needs every rank of its group
+            yield self.case(ctx, "host-tp_call", kind="host", op="tp_call", path="-", phase="tp_call",
+                            dtype=ctx.args.dtype, hidden=cfg.model.hidden, seq=cfg.model.seq_len,
+                            heads=cfg.model.num_heads, recompute=cfg.parallel.recompute, group_size=g,
+                            elements=cfg.parallel.micro_batch * cfg.model.seq_len * cfg.model.hidden,
+                            width=dict(HOST_WIDTH))
 
     def op_setup(self, ctx: Context, case: Case, *, seed: int) -> Work:
+        if case.fields["op"] == "tp_call":
+            work = tp_call_work(ctx, case.fields, seed=seed, iters=ctx.args.iters)
+            case.fields["call_host_us"] = work.aux["call_host_us"]
+            return work
         timer = Timer(ctx.world) if seed == 1 else None  # the timed set-up measures the operations
         work = host_work(host_config(ctx.cfg), case.fields, seed=seed, device=ctx.device, timer=timer,
                          iters=ctx.args.iters)
@@ -209,6 +281,8 @@ class Host(ComputeProbe):
         return work
 
     def metrics(self, ctx: Context, case: Case, time_s: float) -> dict[str, Any]:
+        if case.fields["op"] == "tp_call":
+            return {"host_us": case.fields["call_host_us"]}
         ops = sum(case.fields.get("ops_us_each", {}).values())
         return {"ops_us": ops, "host_us": max(0.0, time_s * 1e6 - ops),
                 **({"note": f"the layer's phase ({time_s * 1e6:.1f} us) took less than its operations one by one "

@@ -21,7 +21,7 @@ PROBES = {  # small: seconds on a CPU; attention and layer_ops at the alcf-1t sh
     "reduce_scatter": ["-b", "4K", "-e", "4K", "--place", "in"],
     "alltoall": ["-b", "4K", "-e", "4K"],
     "sendrecv": ["--pp", "2", "-b", "4K", "-e", "4K"],
-    "host": ["--model", "tiny", "-d", "fp32"],
+    "host": ["--model", "tiny", "--tp", "2", "-d", "fp32"],
 }
 MODES = ("scale=0.99", "nan", "zero")
 # Each probe once end to end on 2 ranks (a run costs ~30 s on a loaded 2-core machine), the
@@ -57,8 +57,8 @@ def test_corrupted_result_fails_the_case(tmp_path, probe, mode):
         assert len(rows) == len(_rows(out)) == COMPUTE_CASES[probe], [r["case"] for r in _rows(out)]
 
 
-COMPUTE_CASES = {"attention": 4, "layer_ops": 14, "host": 4}  # alcf-1t: 2 paths × fwd, bwd; 13 memops + adamw;
-# the host probe on tiny (no recompute): 2 attention paths × fwd, bwd
+COMPUTE_CASES = {"attention": 4, "layer_ops": 14, "host": 5}  # alcf-1t: 2 paths × fwd, bwd; 13 memops + adamw;
+# the host probe on tiny at TP 2 (no recompute): 2 attention paths × fwd, bwd, and the TP call
 
 
 @pytest.mark.multirank

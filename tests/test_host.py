@@ -12,7 +12,7 @@ from microbench.model.metrics import latency_steps
 from microbench.model.workload import Collective, HostPath
 from tests.launch import have_mpi, run_local, run_mpi
 
-HOST = ["--model", "tiny", "-n", "3", "-w", "1", "-d", "fp32", "--quiet"]
+HOST = ["--model", "tiny", "--tp", "2", "-n", "3", "-w", "1", "-d", "fp32", "--quiet"]
 
 
 @pytest.mark.multirank
@@ -20,11 +20,16 @@ def test_host_probe_on_the_embedded_world_loads_and_prices_the_host_term(tmp_pat
     res = run_local("microbench.host", *HOST, "--out", str(tmp_path / "h"), ranks=2, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
     df = load(tmp_path / "h")
-    assert sorted(zip(df["path"], df["phase"])) == [("explicit", "bwd"), ("explicit", "fwd"),
+    assert sorted(zip(df["path"], df["phase"])) == [("-", "tp_call"), ("explicit", "bwd"), ("explicit", "fwd"),
                                                      ("fused", "bwd"), ("fused", "fwd")]
-    assert (df["kind"] == "host").all() and (df["num_wrong"] == 0).all()
-    assert (df["ops_us"] > 0).all() and (df["host_us"] >= 0).all()
+    assert (df["kind"] == "host").all() and (df["num_wrong"] == 0).all() and (df["host_us"] >= 0).all()
+    layer = df[df["op"] == "layer"]
+    assert (layer["ops_us"] > 0).all()
     assert set(df["hidden"]) == {64} and set(df["seq"]) == {64}
+    # the TP call: one reduction of the narrowed activation (mbs 2 × seq 64 × hidden 64) on the
+    # group of 2, its host clock in host_us; on this CPU (synchronous) priced inside the collective
+    call = df[df["op"] == "tp_call"].iloc[0]
+    assert call["group_size"] == 2 and call["elements"] == 2 * 64 * 64 and call["host_us"] > 0
     prof = MeasuredProfile.from_rows(df, fallback="dgx-a100-80gb")  # explicit attention, like Megatron
     row = df[(df["path"] == "explicit") & (df["phase"] == "fwd")].iloc[0]
     want = max(0.0, row["time_us_mean"] - row["ops_us"]) * 1e-6  # the profile prices by the mean
@@ -32,6 +37,11 @@ def test_host_probe_on_the_embedded_world_loads_and_prices_the_host_term(tmp_pat
     assert priced.seconds == pytest.approx(want, rel=1e-9)
     assert priced.source.startswith("extrapolated (host probe at hidden 64 seq 64")
     assert not prof.asynchronous  # measured on a CPU: host and device add
+    assert prof.host(HostPath("fwd", 2, "tp_call")).seconds == 0.0
+    prof.asynchronous = True  # as on a GPU: the call returns at enqueue, its host clock is the term
+    priced = prof.host(HostPath("fwd", 2, "tp_call"))
+    assert priced.seconds == pytest.approx(call["host_us"] * 1e-6, rel=1e-12)  # one call: the predictor counts
+    assert priced.source.startswith("extrapolated (host probe's tp_call")
 
 
 @pytest.mark.mpi
@@ -42,7 +52,7 @@ def test_host_probe_under_mpiexec(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     man = json.loads((tmp_path / "h" / "manifest.json").read_text())
     assert man["status"] == "ok" and man["launcher"] == "mpich" and man["world_size"] == 2
-    assert len(load(tmp_path / "h")) == 4
+    assert len(load(tmp_path / "h")) == 5  # 2 attention paths × fwd, bwd and the TP call
 
 
 def test_latency_law_at_2_8_and_64_ranks():
