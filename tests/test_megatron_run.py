@@ -221,6 +221,29 @@ TINY = ["--model", "tiny", "--layers", "2", "--hidden", "64", "--heads", "4", "-
         "--vocab", "256", "--mbs", "2", "--gbs", "4", "--dtype", "fp32"]
 
 
+def test_each_cpu_rank_builds_its_own_dataset_index_maps(monkeypatch):
+    """The fork builds a dataset's index maps on every rank that misses them, into one set of
+    files; rank 1 once read rank 0's half-written file. On the CPU accelerator each rank gets a
+    --data-cache-path of its own under the run's TMPDIR; a path the command gives is kept, and
+    off the CPU nothing is added."""
+    from full_model.megatron.rank import _index_cache_per_rank
+    args = ["--seq-length", "1024"]
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("TMPDIR", "/runs/x/tmp")
+    paths = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        got = _index_cache_per_rank(args)
+        assert got[:2] == args and got[2] == "--data-cache-path"
+        paths.append(got[3])
+    assert paths == ["/runs/x/tmp/index-cache-rank0", "/runs/x/tmp/index-cache-rank1"]
+    given = [*args, "--data-cache-path", "/shared/cache"]
+    assert _index_cache_per_rank(given) is given
+    assert _index_cache_per_rank([*args, "--data-cache-path=/shared/cache"])[-1] == "--data-cache-path=/shared/cache"
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")
+    assert _index_cache_per_rank(args) is args
+
+
 @needs_framework
 @pytest.mark.multirank
 @pytest.mark.timeout(900)

@@ -23,6 +23,13 @@ framework's entry point runs, and each names its upstream cause
   (``runtime/zero/stage_1_and_2.py``) calls gloo's ``all_gather_into_tensor`` in grad mode,
   which raises; Megatron's train step catches it and skips every step silently. On the CPU
   accelerator the step runs under ``torch.no_grad()`` (an optimizer step needs no autograd).
+* index-map race — this fork's ``megatron/data/gpt_dataset.py`` (``_build_index_mappings``)
+  builds a dataset's index maps on *every* rank that does not find them, into the same files
+  beside the data; a rank can read another's half-written file ("ValueError: mmap length is
+  greater than file size": the grid of 2026-12-04, long-dp2's first run of a new sequence
+  length on a fresh cache). On the CPU accelerator each rank gets its own
+  ``--data-cache-path`` under the run's ``TMPDIR`` (removed with the run; a complete shared
+  cache is still read first), unless the command gives one.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import importlib.util
 import os
 import runpy
 import sys
+import tempfile
 import types
 
 STUBBED = ("torchvision", "torchvision.transforms", "torchvision.datasets")
@@ -130,6 +138,15 @@ def _cpu_stream() -> bool:
     return True
 
 
+def _index_cache_per_rank(args: list[str]) -> list[str]:
+    """``args`` with a ``--data-cache-path`` of this rank's own on the CPU accelerator (the
+    index-map race above); unchanged where the command names one or the device is not a CPU."""
+    if os.environ.get("DS_ACCELERATOR") != "cpu" or any(a.split("=")[0] == "--data-cache-path" for a in args):
+        return args
+    base = os.environ.get("TMPDIR") or tempfile.gettempdir()
+    return [*args, "--data-cache-path", os.path.join(base, f"index-cache-rank{os.environ.get('RANK', '0')}")]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
         sys.exit("usage: python -m full_model.megatron.rank SOURCE_DIR SCRIPT [args...]")
@@ -145,6 +162,10 @@ def main(argv: list[str]) -> None:
         from full_model.megatron import profilehook
         profilehook.install(os.environ["MICROBENCH_MDS_PROFILE"], int(os.environ.get("RANK", "0")))
         applied.append("profilehook")
+    cached = _index_cache_per_rank(args)
+    if cached is not args:
+        applied.append("index-cache-per-rank")
+    args = cached
     if os.environ.get("RANK") == "0":
         print(f"full_model.megatron.rank: workarounds applied: {', '.join(applied) or 'none'}", flush=True)
     os.chdir(source)
