@@ -12,7 +12,9 @@ control measured twice for the machine's noise floor; one CSV under ``benchmarks
 with a machine sidecar (``benchmarks/megatron_grid.py``). ``--reuse`` keeps every complete
 run directory under ``--out``: an interrupted grid resumes, and a finished one is priced
 again by the current model without measuring. ``--table`` prints the README's table from
-such a CSV.
+such a CSV. Never start a second grid command (``--reuse`` too) into the same ``--out`` while
+one runs: it measures into the same run directories, on the same cores (2026-12-04: a
+``--reuse`` pricing beside a running grid measured its control there first).
 
 The size is the ``mds-cpu`` preset (4 layers, hidden 512, 8 heads, SwiGLU FFN 2048, seq 512,
 vocab 2048, mbs 1, gbs 8 → 8 micro-batches per replica, fp32): compute-bound on a laptop CPU
