@@ -32,6 +32,8 @@ from analysis.errors import AnalysisError
 from analysis.fits import FIT_KEYS, Fit, collective_points, fit_alpha_beta, is_derived, time_s
 from analysis.load import select_ok_rows
 from analysis.placement import Placement, host_sharing
+from analysis.measured_host import host_rows, price_host
+from analysis.measured_host import whole as _whole
 from analysis.provenance import display_path, extrapolated, measured, with_note
 from analysis.spec import SpecProfile
 from analysis.system import COMPONENTS, Priced, SystemProfile
@@ -50,11 +52,6 @@ def _frac(x: float) -> str:
 
 def _beyond(nbytes: float, lo: float, hi: float) -> str:
     return "" if lo <= nbytes <= hi else (", priced above it" if nbytes > hi else ", priced below it")
-
-
-def _whole(v: Any) -> Any:
-    """A size read back from a table (64.0 where a column held a NaN) as written (64)."""
-    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def _span(lo: float, hi: float) -> str:
@@ -198,14 +195,7 @@ class MeasuredProfile(SystemProfile):
                 self._overlap["dp"] = (v, src)
 
     def _ingest_host(self, df) -> None:
-        """The host probe's rows: per attention path and phase, the phase less its operations
-        one by one (``host_us``), priced by the mean over iterations of the layer's time."""
-        for _, r in df[df["kind"] == "host"].iterrows():
-            if r.get("op") == "tp_call":  # the host clock around one TP call (microbench.host)
-                self.host_rows[("-", "tp_call")] = (float(r["host_us"]) * 1e-6, dict(r))
-                continue
-            ops_s = float(r.get("ops_us") or 0.0) * 1e-6
-            self.host_rows[(str(r.get("path")), str(r["phase"]))] = (max(0.0, float(r["_t_s"]) - ops_s), dict(r))
+        self.host_rows.update(host_rows(df))
 
     def _ingest_sync(self, df) -> None:
         """The tp_sync probe's rows, by group size and the reduction's bytes."""
@@ -347,34 +337,8 @@ class MeasuredProfile(SystemProfile):
         return Priced(*self._overlap[kind]) if kind in self._overlap else self.fallback.overlap(kind)
 
     def host(self, h: HostPath) -> Priced:
-        """The host probe's phase, for the attention path the step takes (the other path's
-        where that one was not measured). A TP collective's call: on a synchronous device
-        (a CPU) inside the collective's measured time (the call returns when it is done), so
-        nothing apart; on an asynchronous one the host probe does not measure it (the spec's)."""
-        if h.name == "tp_call":
-            if not self.asynchronous:
-                return Priced(0.0, measured("in the collective probe's time: on a synchronous device the call "
-                                            "returns when the collective is done"))
-            hit = self.host_rows.get(("-", "tp_call"))
-            if hit is None:
-                return self.fallback.host(h)
-            seconds, row = hit
-            return Priced(seconds, extrapolated(
-                f"host probe's tp_call: the host clock around one TP reduction call, {seconds * 1e6:.1f} us at "
-                f"{_whole(row.get('elements'))} elements on {_whole(row.get('group_size'))} ranks; taken as "
-                f"size-independent (the call returns at enqueue)"))
-        path = "fused" if self.attention_fused else "explicit"
-        hit = self.host_rows.get((path, h.phase))
-        how = ""
-        if hit is None:
-            hit = next((v for (p, ph), v in self.host_rows.items() if ph == h.phase), None)
-            how = f"; the {path} attention path was not measured, the other's used"
-        if hit is None:
-            return self.fallback.host(h)
-        seconds, row = hit
-        return Priced(seconds, extrapolated(
-            f"host probe at hidden {_whole(row.get('hidden'))} seq {_whole(row.get('seq'))}: the layer's {h.phase} less its "
-            f"operations one by one, {seconds * 1e6:.1f} us; host time taken as width-independent{how}"))
+        return price_host(h, self.host_rows, asynchronous=self.asynchronous, attention_fused=self.attention_fused,
+                          fallback=self.fallback)
 
     def tp_sync(self, op: TpSync) -> Priced:
         """The probe's in-step cost per reduction (its in-step call less the call after a

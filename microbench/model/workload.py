@@ -109,9 +109,7 @@ class HostPath:
     phase: Literal["fwd", "recompute", "bwd"]
     count: int = 1
     name: Literal["layer", "tp_call"] = "layer"
-    """``layer``: the layer's own host time in the phase (the host probe's, at TP 1). ``tp_call``:
-    the host's time to issue one tensor-parallel collective (Megatron's TP autograd functions
-    and the collective's call path), ``count`` of them in the phase; 0 calls at TP 1."""
+    """``layer``: the layer's host time in the phase; ``tp_call``: issuing one TP collective."""
 
 
 @dataclass(frozen=True, slots=True)
