@@ -26,6 +26,13 @@ def test_plan_covers_every_component_of_a_step():
                      "sendrecv", "dp_allreduce", "overlap", "host"}
 
 
+def test_the_host_step_measures_the_tp_call_at_the_models_tp():
+    """The main job's host probe gets the model's TP, so with more than one rank it also times
+    the host's TP call (microbench.host caps the group at the world: 2 of alcf-1t's 12 here)."""
+    host = next(s for s in plan(args_for("--model", "alcf-1t"), 2, "cpu") if s.module.endswith(".host"))
+    assert host.argv[host.argv.index("--tp") + 1] == "12"
+
+
 def test_a_single_rank_world_plans_compute_and_host_only():
     names = {s.module.split(".")[-1] for s in plan(args_for("--model", "tiny"), 1, "cpu")}
     assert names == {"gemm", "attention", "layer_ops", "host"}

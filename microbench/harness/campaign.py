@@ -100,8 +100,10 @@ def plan(args: argparse.Namespace, world_size: int, device_kind: str, *,
         Step("gemm", compute, "peak GEMM, GEMMs of a layer and the LM head"),
         Step("attention", (*compute, "--scale", f"{attention_scale(cfg, scale):g}", "--no-peak"), "attention core"),
         Step("layer_ops", compute, "peak copy, memory-bound ops, AdamW"),
-        # the host's own time per layer and phase, on a layer narrowed until the device is idle
-        Step("host", common, "host time of a layer (Python, autograd, launches) per phase"),
+        # the host's own time per layer and phase, on a layer narrowed until the device is idle,
+        # and (TP > 1, more than one rank) the host's time to issue one TP reduction
+        Step("host", (*common, "--tp", str(lay.tp)), "host time of a layer (Python, autograd, launches) per "
+             "phase and of a TP call"),
     ]
     W = world_size
     sweep = ("-n", n, "-w", w, "--timeout-s", str(args.timeout_s), "--device", args.device,
