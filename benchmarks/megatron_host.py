@@ -18,7 +18,8 @@ recompute) and ``allreduce`` the allreduce probe's median at exactly the run's n
 activation ([1·64, 64] fp32 on 2 ranks, measured once per repetition between the runs): on a
 CPU gloo's allreduce is synchronous, so its transfer is taken away and what stays is the
 framework's Python and the c10d call path (Megatron's TP autograd functions, the collective's
-dispatch). The A100 files' ``host.tp_call_us`` comes from it.
+dispatch). On this CPU gloo's in-step reduction fills that remainder (docs/decisions-issue19.md),
+so it bounds the A100 files' ``host.tp_call_us`` from above and does not set it.
 
 On a CPU the narrowed layer still does its (small) arithmetic, so the figure is an upper bound
 on the host's time; the A100 files' ``host:`` values come from this measurement (their
@@ -114,7 +115,10 @@ def allreduce_us(cfg, out, timeout: float) -> float:
            "--place", "in", "--quiet", "--out", str(out)]
     subprocess.run(cmd, check=True, timeout=timeout, capture_output=True)
     df = load(out)
-    row = df[(df["status"] == "ok") & (df["size_bytes"] == p.micro_batch * m.seq_len * m.hidden * 4)]
+    from microbench.model.workload import workload
+    from microbench.model.config import dtype_bytes
+    tp_ar = next(c for c in workload(cfg).collectives if c.axis == "tp")  # the workload's TP activation
+    row = df[(df["status"] == "ok") & (df["size_bytes"] == tp_ar.elements * dtype_bytes(tp_ar.dtype))]
     if len(row) != 1:
         raise RuntimeError(f"{out}: expected one ok allreduce row at the narrowed activation, found {len(row)}")
     return float(row["time_us_median"].iloc[0])
