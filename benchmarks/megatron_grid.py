@@ -128,8 +128,16 @@ def _cell(v: Any, fmt: str) -> str:
 
 
 def markdown_table(csv: Path) -> str:
-    """The README's table from a grid CSV (and its sidecar's noise floor and summary)."""
-    df = pd.read_csv(csv)
+    """The README's table from a grid CSV (and its sidecar's noise floor and summary); a file
+    that is not one of this benchmark's grid CSVs is refused naming what it lacks."""
+    try:
+        df = pd.read_csv(csv)
+    except (OSError, ValueError) as e:  # no file, empty, not CSV (pandas' errors are ValueErrors)
+        raise CrossCheckError(f"--table {csv}: {e}") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise CrossCheckError(f"--table {csv}: not a grid CSV of this benchmark (no column {missing[0]!r}"
+                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''})")
     side_path = csv.with_suffix(".machine.json")
     side = json.loads(side_path.read_text()) if side_path.is_file() else {}
     lines = ["| config | layout | hidden × layers, seq, mbs × micro-batches | features | measured ms [min, max] "

@@ -127,6 +127,12 @@ CASES = [
     ("env", "omp-threads-megatron", lambda t: ("full_model.megatron", ["run", "--model", "mds-cpu", "--out",
                                                                        str(t / "m")], {"OMP_NUM_THREADS": "2x"}),
      2, "OMP_NUM_THREADS='2x' is not a positive thread count"),
+    # read inside each rank's framework process before: a rank died and the run failed (exit 1)
+    ("env", "mds-profile-iter-abc", lambda t: ("full_model.megatron", ["run", "--model", "mds-cpu", "--out",
+                                                                       str(t / "m")],
+                                               {"MICROBENCH_MDS_PROFILE": str(t / "prof"),
+                                                "MICROBENCH_MDS_PROFILE_ITER": "abc"}),
+     2, "MICROBENCH_MDS_PROFILE_ITER='abc' is not an iteration number"),
     ("env", "pmi-rank-abc", lambda t: (AR, [], {"PMI_RANK": "abc", "PMI_SIZE": "2"}), 2, "PMI_RANK='abc'"),
     ("env", "torchrun-vs-pmi", lambda t: (AR, [], {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
                                                     "PMI_RANK": "0", "PMI_SIZE": "2"}), 2,

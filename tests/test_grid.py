@@ -153,6 +153,22 @@ def test_the_csv_keeps_a_failed_configuration_beside_the_measured_ones(tmp_path)
     assert "Noise floor (the control measured twice): 4.0 points" in table
 
 
+@pytest.mark.parametrize("text,says", [
+    ("Parameters (billion),# GPUs\n3.6,64\n", "not a grid CSV of this benchmark (no column 'config' and "),
+    (None, "No such file"),
+    ("", "No columns to parse"),
+])
+def test_table_of_a_file_that_is_not_a_grid_csv_is_one_line_exit_2(tmp_path, capsys, text, says):
+    from benchmarks.crosscheck_megatron import main
+    csv = tmp_path / "other.csv"
+    if text is not None:
+        csv.write_text(text)
+    assert main(["--table", str(csv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: benchmarks.crosscheck_megatron: --table {csv}: "), err
+    assert says in err, err
+
+
 def test_the_controls_repeat_measures_its_probes_again_into_new_directories(tmp_path, monkeypatch):
     """The control's second measurement (``small-tp2#2``, probe cache empty) must not write into
     the directories its first measurement made: a run directory is written once (the full grid

@@ -34,6 +34,9 @@ def _variant(tmp_path: Path, old: str, new: str, name: str = "bad.yaml") -> Path
     ("      law: ring", "      law: butterfly", "network.intra.latency.law: Input should be 'ring' or 'tree'"),
     ("  bwd_us: 1518.5", "  bwd_us: -5", "host.bwd_us: Input should be greater than or equal to 0"),
     ("  dp: 0.0", "  dp: 1.5", "overlap.dp"),
+    # a bound above is not what stops these: .inf is > 0 and NaN fails no comparison
+    ("busbw_gbps: 64.0", "busbw_gbps: .inf", "network.intra.busbw_gbps: Input should be a finite number"),
+    ("  bwd_us: 1518.5", "  bwd_us: .nan", "host.bwd_us: Input should be a finite number"),
 ])
 def test_a_bad_value_is_refused_naming_file_line_and_key(tmp_path, capsys, old, new, key):
     p = _variant(tmp_path, old, new)

@@ -145,6 +145,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from full_model.megatron.run import RunOptions, refuse_unrunnable, run
     from full_model.megatron.setup import SetupError, resolve_source
     from microbench.runtime.errors import UsageError as RtUsage
+    from full_model.megatron import profilehook
     from microbench.harness.options import check_thread_env
     from microbench.runtime.launch import detect_launcher
     info = detect_launcher()
@@ -153,6 +154,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                         "(--launcher mpiexec|spawn); start it as one process")
     try:
         check_thread_env(os.environ)
+        profilehook.check_env(os.environ)
         cfg = config_from_args(args, layout="world")
         refuse_unrunnable(cfg, args.device)
         source = resolve_source(args.source)

@@ -41,6 +41,15 @@ WRAPPED = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "r
            "reduce_scatter", "barrier", "send", "recv", "isend", "irecv")
 
 
+def check_env(environ) -> None:
+    """Before any rank starts: ``MICROBENCH_MDS_PROFILE_ITER`` is an iteration number ≥ 1, so a
+    typo is one line (exit 2), not a rank that dies inside the framework."""
+    v = environ.get(ENV_ITER)
+    if environ.get(ENV) and v is not None and not (v.strip().isdigit() and int(v) >= 1):
+        raise ValueError(f"environment variable {ENV_ITER}={v!r} is not an iteration number ≥ 1 "
+                         "(the iteration to profile; unset it for 4)")
+
+
 class _State:
     iteration = 0
     rows: list[list] = []
