@@ -132,8 +132,11 @@ def read_cases(path: str | Path, *, ranks_per_node: int = 8, ignored: list[str] 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"calibration data {str(path)!r} not found")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (UnicodeDecodeError, csv.Error, OSError) as e:
+        raise ValueError(f"{path}: not a readable CSV ({e})") from None
     if not rows:
         raise ValueError(f"{path}: no rows")
     vtrain = "hidden size" in rows[0]

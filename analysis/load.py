@@ -122,6 +122,8 @@ def load(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
 PRICED_KINDS = ("gemm", "attention", "memop", "allreduce", "allgather", "reduce_scatter", "alltoall",
                 "broadcast", "reduce", "sendrecv")
 """Kinds priced by their time (an overlap row is priced by its exposed fraction)."""
+READ_KINDS = (*PRICED_KINDS, "overlap", "host", "tp_sync", "train_step", "train_summary")
+"""Every kind a profile reads; a measured sync names its parts joined by '+' (allreduce+allreduce)."""
 
 
 def select_ok_rows(df, *, include_failed: bool = False):
@@ -151,6 +153,11 @@ def select_ok_rows(df, *, include_failed: bool = False):
             notes.append(f"left out {int((~keep).sum())} skipped row(s)")
         df = df[keep]
     if "kind" in df.columns and len(df):
+        known = df["kind"].map(lambda k: not isinstance(k, str) or all(p in READ_KINDS for p in k.split("+")))
+        if (~known).any():  # a corrupted or newer kind: left out, and said so (not priced silently)
+            kinds = sorted({str(k) for k in df.loc[~known, "kind"]})
+            notes.append(f"left out {int((~known).sum())} row(s) of a kind no profile reads: {', '.join(kinds)}")
+            df = df[known]
         priced = df[df["kind"].isin(PRICED_KINDS)]
         if len(priced):
             t = time_s(priced)

@@ -143,6 +143,10 @@ def test_bad_csv_is_one_line_naming_file_line_and_column(tmp_path, capsys):
     assert "'step_time_s'" in capsys.readouterr().err
     assert main(["--system", "dgx-a100-80gb", "--data", str(tmp_path / "none.csv")]) == 2
     assert "none.csv' not found" in capsys.readouterr().err
+    path.write_bytes(b"\xff\xfe\x00l\x00a\x00y")  # UTF-16 (a spreadsheet's export): the file is named
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: not a readable CSV" in err, err
     _write_project_csv(path)
     rows = path.read_text().splitlines()
     path.write_text("\n".join([rows[0] + ",grad_sync", rows[1] + ",flat", rows[2] + ",nccl"]) + "\n")

@@ -110,6 +110,20 @@ def test_measured_overrides_spec_and_records_sources():
     assert slow.step_time_s > fast.step_time_s
 
 
+def test_a_row_of_a_kind_no_profile_reads_is_left_out_and_said():
+    """A corrupted kind ('gemn') was dropped without a word: the GEMM it timed fell back to
+    the spec, and nothing said a measured row had been ignored."""
+    cfg = with_layout(preset("llama2-7b"), tp=2, dp=4)
+    rows = _rows(cfg).query("status == 'ok'").reset_index(drop=True)
+    good = MeasuredProfile.from_rows(rows, fallback="dgx-a100-80gb")
+    assert good.notes == []
+    first = rows.index[rows["kind"] == "gemm"][0]
+    rows.loc[first, "kind"] = "gemn"
+    prof = MeasuredProfile.from_rows(rows, fallback="dgx-a100-80gb")
+    assert prof.notes == ["left out 1 row(s) of a kind no profile reads: gemn"]
+    assert len(prof.gemm_table) == len(good.gemm_table) - 1
+
+
 def test_profile_from_run_dir_uses_same_code_path(tmp_path, capsys):
     cfg = preset("tiny")
     run = tmp_path / "run1"
