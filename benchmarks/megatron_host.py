@@ -38,6 +38,7 @@ import numpy as np
 from analysis.calibrate import HOST_PHASE_RATIO
 from microbench.harness.cli import ArgumentParser, user_path
 from microbench.model.config import HOST_WIDTH, preset, with_layout
+from microbench.model.workload import workload
 
 LAYERS = (2, 10)
 MICROBATCHES = 8
@@ -115,10 +116,8 @@ def allreduce_us(cfg, out, timeout: float) -> float:
            "--place", "in", "--quiet", "--out", str(out)]
     subprocess.run(cmd, check=True, timeout=timeout, capture_output=True)
     df = load(out)
-    from microbench.model.workload import workload
-    from microbench.model.config import dtype_bytes
     tp_ar = next(c for c in workload(cfg).collectives if c.axis == "tp")  # the workload's TP activation
-    row = df[(df["status"] == "ok") & (df["size_bytes"] == tp_ar.elements * dtype_bytes(tp_ar.dtype))]
+    row = df[(df["status"] == "ok") & (df["size_bytes"] == tp_ar.bytes)]
     if len(row) != 1:
         raise RuntimeError(f"{out}: expected one ok allreduce row at the narrowed activation, found {len(row)}")
     return float(row["time_us_median"].iloc[0])
