@@ -39,6 +39,7 @@ from analysis.crosscheck import CrossCheckError
 from analysis.crosscheck.megatron import add_args, main_megatron
 from analysis.crosscheck.probes import ran_past
 from microbench.harness.cli import ArgumentParser
+from microbench.harness.lifecycle import interrupted_exit, raise_on_terminate
 
 TARGET_PCT = 15.0
 
@@ -81,10 +82,14 @@ def main(argv: list[str]) -> int:
                   file=sys.stderr)
             return 2
         try:
-            return main_grid(a, argv)
+            with raise_on_terminate():
+                return main_grid(a, argv)
         except CrossCheckError as e:
             print(f"error: benchmarks.crosscheck_megatron: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt as e:
+            return interrupted_exit("benchmarks.crosscheck_megatron", e, "the CSV keeps every finished "
+                                    "configuration, its .machine.json says where the grid stopped")
     ap = ArgumentParser(prog="python -m benchmarks.crosscheck_megatron")
     sub = ap.add_subparsers(dest="cmd")
     add_args(sub)
@@ -98,8 +103,11 @@ def main(argv: list[str]) -> int:
     import io
     buf = io.StringIO()
     try:
-        with contextlib.redirect_stdout(buf):
+        with contextlib.redirect_stdout(buf), raise_on_terminate():
             rc = main_megatron(a)
+    except KeyboardInterrupt as e:
+        return interrupted_exit("benchmarks.crosscheck_megatron", e, "every child ended; the run directories "
+                                "keep what was measured")
     except CrossCheckError as e:
         print(f"error: benchmarks.crosscheck_megatron: {e}", file=sys.stderr)
         return 2

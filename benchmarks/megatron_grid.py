@@ -24,6 +24,7 @@ from analysis.crosscheck.grid import (SHAPE_COLUMNS, Grid, beyond_noise, failed_
                                       result_row, summary)
 from analysis.crosscheck.megatron import framework_fallback, plan_config, run_planned
 from analysis.crosscheck.probes import ran_past
+from microbench.harness.lifecycle import interrupt_name
 from microbench.model.vocabulary import STEP_COMPONENTS
 
 COLUMNS = ("config", "layout", *SHAPE_COLUMNS, "pairs", "measured_ms", "measured_min_ms", "measured_max_ms",
@@ -107,6 +108,14 @@ def run_grid(grid: Grid, *, only: Sequence[str] | None, source: Path, out: Path,
             why = ran_past(e) if isinstance(e, subprocess.TimeoutExpired) else str(e)
             rows.append(failed_row(label, gc, why))
             print(f"error: {label}: {why}", file=sys.stderr, flush=True)
+        except KeyboardInterrupt as e:  # the CSV keeps every finished configuration; the sidecar says where it stopped
+            side.update(interrupted={"signal": interrupt_name(e), "during": label, "completed": len(rows),
+                                     "of": len(order)},
+                        finished=_dt.datetime.now().isoformat(timespec="seconds"), wall_s=round(time.monotonic() - t0))
+            side["summary"] = _annotate(rows, grid)
+            write_csv(rows, csv)
+            sidecar.write_text(json.dumps(side, indent=1) + "\n")
+            raise
         side["summary"] = _annotate(rows, grid)
         write_csv(rows, csv)
     side.update(finished=_dt.datetime.now().isoformat(timespec="seconds"), wall_s=round(time.monotonic() - t0))

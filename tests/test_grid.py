@@ -210,10 +210,15 @@ def test_reuse_keeps_every_complete_directory_and_finds_a_sweep_another_configur
     import analysis.crosscheck.probes as probes
     made: list[str] = []
 
-    def fake_run(cmd, **kw):
-        made.append(cmd[cmd.index("--out") + 1])
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-    monkeypatch.setattr(probes.subprocess, "run", fake_run)
+    class FakePopen:  # the command is recorded, not run
+        returncode = 0
+
+        def __init__(self, cmd, **kw):
+            made.append(cmd[cmd.index("--out") + 1])
+
+        def communicate(self, timeout=None):
+            return "", ""
+    monkeypatch.setattr(probes.subprocess, "Popen", FakePopen)
     configs = dict(read_grid(GRID).order())
     first = probes.measure_probes(configs["small-tp2"].cfg, text="small-tp2", out=tmp_path, done={}, timeout=60)
     for d in first:

@@ -246,6 +246,49 @@ def test_each_cpu_rank_builds_its_own_dataset_index_maps(monkeypatch):
 
 @needs_framework
 @pytest.mark.multirank
+@pytest.mark.timeout(400)
+def test_sigterm_to_a_framework_run_ends_its_ranks_and_the_manifest_says_interrupted(tmp_path):
+    """The ranks lead sessions of their own, so a scheduler's SIGTERM to the command (or Ctrl-C)
+    never reaches them: before, they trained on after the command had died, with their /dev/shm
+    workspaces and no manifest. Now the command ends them, closes the run ``interrupted`` and
+    exits 143 with one line. Tests/test_interrupt.py has the same for stand-in ranks."""
+    import os
+    import signal
+    import time
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "full_model.megatron", "run", *TINY, "--tp", "2", "--iters", "5000",
+                             "--out", str(out), "--timeout-s", "350"], env=env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        end = time.monotonic() + 300
+        while not ((out / "train.log").is_file() and "iteration=" in (out / "train.log").read_text(errors="replace")):
+            assert proc.poll() is None and time.monotonic() < end, "the run never logged an iteration"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"error: full_model.megatron: interrupted by SIGTERM; every rank ended; "
+                                            f"{out}/manifest.json says so")
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["status"], m["signal"], m["reasons"][0]) == ("interrupted", "SIGTERM", "interrupted by SIGTERM")
+    assert 0 < m["num_iterations"] < 5000
+    assert len(m["removed_shm"]) == 2 and not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{m['env']['MASTER_PORT']}_*"))
+    left = [p for p in Path("/proc").glob("[0-9]*/cmdline") if str(out).encode() in _read(p)]
+    assert left == []
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+@needs_framework
+@pytest.mark.multirank
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
 def test_real_framework_trains_without_skipping(tmp_path, layout):

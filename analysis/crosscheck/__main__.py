@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from microbench.harness.cli import ArgumentParser, user_path
+from microbench.harness.lifecycle import interrupted_exit, raise_on_terminate
 from microbench.runtime.results import default_out_dir
 
 from analysis.crosscheck import (CrossCheckError, MeasuredStep, check_profile_matches, compare, format_table,
@@ -45,7 +46,11 @@ def parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
-        return {"megatron": main_megatron, "local": main_local, "compare": main_compare}[a.cmd](a)
+        with raise_on_terminate():
+            return {"megatron": main_megatron, "local": main_local, "compare": main_compare}[a.cmd](a)
+    except KeyboardInterrupt as e:
+        return interrupted_exit("analysis.crosscheck", e, "every child ended; the run directories keep what was "
+                                "measured")
     except (CrossCheckError, ValueError, FileNotFoundError) as e:
         print(f"error: analysis.crosscheck: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from microbench.harness.lifecycle import end_child, interrupt_name
 from microbench.harness.modelargs import DIM_FLAGS
 from microbench.harness.registry import COMPUTE
 from microbench.model.config import PRESETS, TrainConfig, preset
@@ -53,18 +54,37 @@ def run_command(cmd: list[str], *, timeout: float, log: Path, deadline: float | 
             raise subprocess.TimeoutExpired(cmd, 0)
     t0 = time.monotonic()
     log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+        proc.kill()
+        out, err = _rest(proc)
         log.write_text(f"$ {' '.join(cmd)}\n# killed after {timeout:.1f} s\n{out}\n--- stderr ---\n{err}")
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from e
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under raise_on_terminate: the child goes too
+        end_child(proc)
+        out, err = _rest(proc)
+        log.write_text(f"$ {' '.join(cmd)}\n# interrupted by {interrupt_name(e)} after "
+                       f"{time.monotonic() - t0:.1f} s; the command was ended (exit {proc.returncode})\n"
+                       f"{out}\n--- stderr ---\n{err}")
         raise
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     log.write_text(f"$ {' '.join(cmd)}\n# {time.monotonic() - t0:.1f} s, exit {res.returncode}\n"
                    f"{res.stdout}\n--- stderr ---\n{res.stderr}")
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["(no stderr)"])[-1]
         raise CrossCheckError(f"{' '.join(cmd[2:5])} failed (exit {res.returncode}): {tail}; log {log}")
     return res
+
+
+def _rest(proc: subprocess.Popen) -> tuple[str, str]:
+    """What an ended command wrote; bounded, since a grandchild (an embedded world's rank) may
+    keep the pipes open a while longer."""
+    try:
+        return proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired as e:
+        return tuple(x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
 
 
 def ran_past(e: subprocess.TimeoutExpired) -> str:

@@ -146,6 +146,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from full_model.megatron.setup import SetupError, resolve_source
     from microbench.runtime.errors import UsageError as RtUsage
     from full_model.megatron import profilehook
+    from microbench.harness.lifecycle import interrupted_exit, raise_on_terminate
     from microbench.harness.options import check_thread_env
     from microbench.runtime.launch import detect_launcher
     info = detect_launcher()
@@ -164,9 +165,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     opts = RunOptions(source=source, out=out, train_iters=args.iters, launcher=args.launcher,
                       device=args.device, timeout_s=args.timeout_s)
     try:
-        check = run(cfg, opts)
+        with raise_on_terminate():
+            check = run(cfg, opts)
     except SetupError as exc:
         raise UserError(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        return interrupted_exit("full_model.megatron", exc, f"every rank ended; {out}/manifest.json says so")
     p = cfg.parallel
     print(f"{out}: {check.status}, {check.num_iterations}/{args.iters} iterations, tp {p.tp} pp {p.pp} "
           f"dp {p.dp}" + (f"; {'; '.join(check.reasons)}" if check.reasons else ""))

@@ -16,6 +16,7 @@ every step *silently* (exit 0, no loss), so exit 0 alone proves nothing.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import pandas as pd
 from full_model.megatron.jobscript import JobOptions, deepspeed_config, megatron_args
 from full_model.megatron.logparse import ParseResult, parse_log
 from full_model.megatron.setup import Dataset, SetupError, build_helpers, framework_identity, synthetic_dataset
+from microbench.harness.lifecycle import interrupt_name
 from microbench.model.config import TrainConfig
 from microbench.runtime import launch as rendezvous
 
@@ -162,25 +164,46 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunCheck:
     t0 = time.time()
     log_path = out / "train.log"
     left = opts.timeout_s
-    if opts.device == "cpu":
-        left -= prebuild_cpu_ops(env, log_path=out / "prebuild.log", timeout_s=opts.timeout_s)
-    rc = _launch(cmd, rank_cmd, n=p.world_size, env=env, log_path=log_path, timeout_s=max(1.0, left)) \
-        if left > 0 else _timed_out_before_launch(log_path, opts.timeout_s)
-    removed, relaunched = remove_shm_buffers(env, p.world_size) if opts.device == "cpu" else [], None
-    left = opts.timeout_s - (time.time() - t0)
-    if rc and port_taken(log_path) and left > 0:
-        # the rendezvous port was taken between its choice and the store's bind: nothing ran,
-        # so the run is started once more on another port, and the manifest says so
-        first = log_path.replace(out / "train.attempt1.log")
-        relaunched = {"reason": f"rendezvous port {env['MASTER_PORT']} in use (EADDRINUSE)",
-                      "first_log": first.name, "first_returncode": rc}
-        env["MASTER_PORT"] = str(rendezvous.free_port())
-        rc = _launch(cmd, rank_cmd, n=p.world_size, env=env, log_path=log_path, timeout_s=max(1.0, left))
+    rc, removed, relaunched = None, [], None
+    try:
+        if opts.device == "cpu":
+            left -= prebuild_cpu_ops(env, log_path=out / "prebuild.log", timeout_s=opts.timeout_s)
+        rc = _launch(cmd, rank_cmd, n=p.world_size, env=env, log_path=log_path, timeout_s=max(1.0, left)) \
+            if left > 0 else _timed_out_before_launch(log_path, opts.timeout_s)
+        removed = remove_shm_buffers(env, p.world_size) if opts.device == "cpu" else []
+        left = opts.timeout_s - (time.time() - t0)
+        if rc and port_taken(log_path) and left > 0:
+            # the rendezvous port was taken between its choice and the store's bind: nothing ran,
+            # so the run is started once more on another port, and the manifest says so
+            first = log_path.replace(out / "train.attempt1.log")
+            relaunched = {"reason": f"rendezvous port {env['MASTER_PORT']} in use (EADDRINUSE)",
+                          "first_log": first.name, "first_returncode": rc}
+            env["MASTER_PORT"] = str(rendezvous.free_port())
+            rc = _launch(cmd, rank_cmd, n=p.world_size, env=env, log_path=log_path, timeout_s=max(1.0, left))
+            removed += remove_shm_buffers(env, p.world_size) if opts.device == "cpu" else []
+    except KeyboardInterrupt as e:  # the ranks are ended (_launch); the run directory says so, then on
         removed += remove_shm_buffers(env, p.world_size) if opts.device == "cpu" else []
-    left_tmp = sorted(x.name for x in rank_tmp.iterdir())
+        _close(out, cfg, opts, rc=rc, removed=removed, relaunched=relaunched, shown=shown, launcher=launcher,
+               source=source, data=data, env=env, t0=t0, interrupted=interrupt_name(e))
+        raise
+    return _close(out, cfg, opts, rc=rc, removed=removed, relaunched=relaunched, shown=shown, launcher=launcher,
+                  source=source, data=data, env=env, t0=t0)
+
+
+def _close(out: Path, cfg: TrainConfig, opts: RunOptions, *, rc: int | None, removed: list[str],
+           relaunched: dict | None, shown: list[str], launcher: str, source: Path, data: Dataset, env: dict,
+           t0: float, interrupted: str | None = None) -> RunCheck:
+    """Parse the log, judge the run and write its iterations and manifest (``interrupted``: the
+    signal that stopped it, which makes the run ``interrupted`` whatever it logged)."""
+    m, p = cfg.model, cfg.parallel
+    rank_tmp = out / "tmp"
+    left_tmp = sorted(x.name for x in rank_tmp.iterdir()) if rank_tmp.is_dir() else []
     shutil.rmtree(rank_tmp, ignore_errors=True)
-    res = parse_log(log_path)
+    log_path = out / "train.log"
+    res = parse_log(log_path if log_path.is_file() else io.StringIO(""))  # interrupted before any rank
     check = check_iterations(res.iterations, train_iters=opts.train_iters, returncode=rc)
+    if interrupted:
+        check = RunCheck("interrupted", [f"interrupted by {interrupted}", *check.reasons], check.num_iterations)
     _write_iterations(out, res)
     manifest = {"schema": SCHEMA, "status": check.status, "reasons": check.reasons,
                 "num_iterations": check.num_iterations, "train_iters": opts.train_iters,
@@ -193,6 +216,8 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunCheck:
                 "env": {k: env[k] for k in sorted(env) if k.split("_")[0] in
                         ("DS", "OMP", "LOCAL", "WANDB", "NCCL", "CCL", "CUDA", "MASTER", "TMPDIR")},
                 "start": t0, "end": time.time()}
+    if interrupted:
+        manifest["signal"] = interrupted
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return check
 
@@ -270,6 +295,11 @@ def prebuild_cpu_ops(env: dict, *, log_path: Path, timeout_s: float, cmd: list[s
                                 start_new_session=True)
         try:
             proc.wait(timeout=timeout_s)
+        except KeyboardInterrupt as e:  # its own session: a Ctrl-C or a kill of ours does not reach it
+            _kill_group(proc)
+            lock.unlink(missing_ok=True)
+            log.write(f"\nfull_model.megatron: interrupted by {interrupt_name(e)} while building; killed\n")
+            raise
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             gone = lock.is_file()
@@ -328,14 +358,19 @@ def _launch(cmd: list[str] | None, rank_cmd: list[str], *, n: int, env: dict, lo
                                                LOCAL_WORLD_SIZE=str(n))) for r in range(n)]
         deadline = time.monotonic() + timeout_s
         rcs: list[int | None] = []
-        for proc in procs:
-            try:
+        try:
+            for proc in procs:
                 rcs.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    _kill_group(q)
-                log.write(f"\nfull_model.megatron: timed out after {timeout_s:.0f} s; killed\n")
-                return 124
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                _kill_group(q)
+            log.write(f"\nfull_model.megatron: timed out after {timeout_s:.0f} s; killed\n")
+            return 124
+        except KeyboardInterrupt as e:  # the ranks lead sessions of their own: nothing else ends them
+            for q in procs:
+                _kill_group(q)
+            log.write(f"\nfull_model.megatron: interrupted by {interrupt_name(e)}; every rank killed\n")
+            raise
     return next((r for r in rcs if r), 0)
 
 

@@ -14,6 +14,7 @@ be read in one place. The rules (README, "Run directories and exit codes"):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -120,6 +121,58 @@ def install_signal_handlers() -> None:
         os._exit(128 + signum)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) in a command that runs other processes (the cross-check, the grid,
+    ``full_model.megatron run``): raised like Ctrl-C's KeyboardInterrupt, so that the code
+    waiting on a child can end it and record what was running before the command exits."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def raise_on_terminate():
+    """Within it, SIGTERM and SIGHUP (a scheduler's kill, a closed terminal) raise
+    :class:`Interrupted` in this process; the handlers before it are restored after. Without it
+    Python ends at once, and children in sessions of their own (the framework's ranks) run on
+    with nothing to say the run was stopped. Main thread only (Python's signal rule)."""
+    def handler(signum: int, _frame) -> None:
+        raise Interrupted(signum)
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in before.items():
+            signal.signal(sig, h)
+
+
+def interrupt_name(exc: KeyboardInterrupt) -> str:
+    return signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
+
+
+def interrupted_exit(module: str, exc: KeyboardInterrupt, where: str = "") -> int:
+    """One line for a command stopped by a signal, and its exit code 128+N."""
+    signum = getattr(exc, "signum", signal.SIGINT)
+    print(f"error: {module}: interrupted by {interrupt_name(exc)}{'; ' + where if where else ''}",
+          file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+def end_child(proc: "subprocess.Popen", *, grace_s: float = 5.0) -> None:
+    """End a child this process waits on when it is interrupted: SIGTERM (a probe then closes
+    its run ``interrupted``, an embedded world ends its ranks), SIGKILL after ``grace_s``."""
+    import subprocess
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout=grace_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
 
 
 def _announce(signame: str, marked: Path | None) -> None:
