@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from microbench.harness.cli import ArgumentParser, user_path
+from microbench.harness.lifecycle import interrupted_exit, raise_on_terminate
 from microbench.runtime.errors import UsageError
 from microbench.runtime.results import check_out_dir, default_out_dir
 
@@ -366,7 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"# device check on {plan.device}: widths {', '.join(map(str, plan.widths))}, limit "
           f"{plan.time_limit_s:g} s → {out}", file=sys.stderr, flush=True)
-    doc = run_check(plan, out, argv)
+    try:
+        with raise_on_terminate():
+            doc = run_check(plan, out, argv)
+    except KeyboardInterrupt as e:
+        return interrupted_exit(MODULE, e, f"every child ended; the steps' logs are under {out}")
     write_outputs(out, doc)
     print(format_table(doc))
     print(json.dumps({k: doc[k] for k in ("status", "failed_steps", "stopped", "out", "seconds")}
