@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from microbench.model.systems import system_file
 from microbench.model.devices import DEVICES_FILE, DeviceTableError, device
+from microbench.model import yamlfile
 
 from analysis.errors import AnalysisError
 from analysis.provenance import display_path
@@ -198,12 +199,10 @@ def read_spec(name_or_path: str | Path) -> tuple[dict[str, Any], str, Path]:
     except (OSError, UnicodeDecodeError) as e:
         raise AnalysisError(f"{display_path(p)}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yamlfile.load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise AnalysisError(f"{display_path(p)}{at}: YAML syntax error: {problem}") from None
+        line, problem = yamlfile.error_where(e)
+        raise AnalysisError(f"{display_path(p)}{f':{line}' if line else ''}: YAML syntax error: {problem}") from None
     if data is None:
         raise AnalysisError(f"{display_path(p)}: empty: a system spec is a YAML mapping with every knob "
                             "(see analysis/systems/*.yaml)")

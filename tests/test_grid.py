@@ -54,7 +54,10 @@ BASE = "base: {model: mds-cpu}\nconfigs:\n"
     ("control: b\n" + BASE + "  - {name: a, tp: 2}\n", "control 'b' is not a configuration"),
     ("runs: 0\n" + BASE + "  - {name: a, tp: 2}\n", "runs: 0 is not an integer ≥ 1"),
     ("configs: []\n", "a non-empty list 'configs'"),
-    ("configs: [\n", "cannot read the grid"),
+    ("configs: [\n", "grid.yaml:2: cannot read the grid: expected the node content, but found '<stream end>'"),
+    # PyYAML keeps the last of two equal keys without a word
+    ("runs: 2\nruns: 5\n" + BASE + "  - {name: a, tp: 2}\n",
+     "grid.yaml:2: cannot read the grid: duplicate key 'runs' (first given at line 1)"),
     # a value of the wrong type went into the config as YAML read it: `maybe` turned sequence
     # parallelism on and the grid ran; `1e9` (YAML 1.1: a string) raised a TypeError
     (BASE + "  - {name: a, tp: 2, sequence-parallel: maybe}\n", "configs[0] (a): sequence-parallel: 'maybe' is not true or false"),

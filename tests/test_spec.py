@@ -62,6 +62,16 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
     assert msg.startswith(f"{p}:") and "YAML syntax error" in msg and "\n" not in msg
 
 
+def test_a_knob_given_twice_is_refused_not_read_as_the_last(tmp_path):
+    """PyYAML keeps the second of two equal keys without a word: the file would price with a
+    value its reader does not see first. Both in range, so only the duplicate is wrong."""
+    p = _variant(tmp_path, "  memop: ", "  memop: 0.3\n  memop: ")
+    line = 1 + AURORA[:AURORA.index("  memop: ")].count("\n")
+    with pytest.raises(AnalysisError) as e:
+        SpecProfile.from_yaml(p)
+    assert str(e.value) == (f"{p}:{line + 1}: YAML syntax error: duplicate key 'memop' (first given at line {line})")
+
+
 def test_unknown_device_names_the_table(tmp_path):
     p = _variant(tmp_path, "model: Max-1550-tile", "model: Max-1551-tile")
     with pytest.raises(AnalysisError, match=r"device\.model: unknown device 'Max-1551-tile'.*Max-1550-tile"):

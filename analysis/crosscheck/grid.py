@@ -38,6 +38,7 @@ import yaml
 from microbench.harness.modelargs import ALL_FLAGS, READ, config_from_args
 from microbench.model.config import TrainConfig
 from microbench.model.vocabulary import PHASES, STEP_COMPONENTS
+from microbench.model import yamlfile
 
 from analysis.crosscheck import CrossCheckError
 from analysis.crosscheck.probes import probe_flags
@@ -119,9 +120,12 @@ def read_grid(path: str | Path) -> Grid:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        data = yamlfile.load(text)
+    except (OSError, UnicodeDecodeError) as e:
         raise CrossCheckError(f"{p}: cannot read the grid: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:
+        line, problem = yamlfile.error_where(e)
+        raise CrossCheckError(f"{p}{f':{line}' if line else ''}: cannot read the grid: {problem}") from None
     if not isinstance(data, dict) or not isinstance(data.get("configs"), list) or not data["configs"]:
         raise CrossCheckError(f"{p}: a grid is a mapping with a non-empty list 'configs'")
     unknown = sorted(set(data) - set(TOP_KEYS))

@@ -11,7 +11,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
+from microbench.model import yamlfile
+
 
 DEVICES_FILE = Path(__file__).with_name("devices.yaml")
 FIELDS = ("match", "peak_tflops", "mem_bw_gbps", "memory_gib", "compute_units", "asynchronous", "source")
@@ -25,7 +26,7 @@ class DeviceTableError(ValueError):
 def devices() -> dict[str, dict[str, Any]]:
     """Every device of the table by key, checked: all fields present, rates > 0."""
     with open(DEVICES_FILE) as fh:
-        data = yaml.safe_load(fh)
+        data = yamlfile.load(fh)
     table = data.get("devices") if isinstance(data, dict) else None
     if not isinstance(table, dict) or not table:
         raise DeviceTableError(f"{DEVICES_FILE}: expected a non-empty mapping under 'devices'")
