@@ -19,11 +19,12 @@ from tests.launch import REPO, env
 
 SLEEPER = """import os, pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1])
+rank = os.environ.get("RANK", os.environ.get("PMI_RANK", "x"))
 def term(signum, frame):
-    (out / f"term-{os.environ.get('RANK', 'x')}").write_text("SIGTERM")
+    (out / f"term-{rank}").write_text("SIGTERM")
     sys.exit(143)
 signal.signal(signal.SIGTERM, term)
-(out / f"pid-{os.environ.get('RANK', 'x')}").write_text(str(os.getpid()))
+(out / f"pid-{rank}").write_text(str(os.getpid()))
 time.sleep(300)
 """
 
@@ -42,15 +43,16 @@ def _wait_for(paths: list[Path], timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def _terminate(harness: str, tmp_path: Path, ready: list[Path]) -> tuple[subprocess.Popen, str]:
-    """Run ``harness`` (Python), wait for its children to be up, SIGTERM it alone (not its
-    group: the children get nothing from outside), and return it once it has ended."""
+def _terminate(harness: str, tmp_path: Path, ready: list[Path],
+               sig: int = signal.SIGTERM) -> tuple[subprocess.Popen, str]:
+    """Run ``harness`` (Python), wait for its children to be up, send ``sig`` to it alone (not
+    its group: the children get nothing from outside), and return it once it has ended."""
     (tmp_path / "sleeper.py").write_text(SLEEPER)
     proc = subprocess.Popen([sys.executable, "-c", harness], cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(ready)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -134,3 +136,36 @@ def test_an_interrupted_grid_keeps_its_rows_and_says_where_it_stopped(tmp_path, 
     side = json.loads(csv.with_suffix(".machine.json").read_text())
     assert side["interrupted"] == {"signal": "SIGTERM", "during": seen[1], "completed": 1,
                                    "of": len(grid.order(None, repeat_control=True))}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("launcher", ["spawn", "mpiexec"])
+def test_framework_ranks_do_not_outlive_a_sigkilled_command(tmp_path, launcher):
+    """SIGKILL cannot be caught: the ranks (or mpiexec, which passes it on) get SIGTERM from the
+    kernel when the command that started them dies (PR_SET_PDEATHSIG). Before, a command killed
+    by a test's or a scheduler's hard limit left the framework training on (seen 2026-12-04)."""
+    from tests.launch import mpiexec
+    if launcher == "mpiexec" and mpiexec() is None:
+        pytest.skip("no mpiexec (the local extra)")
+    rank_cmd = [sys.executable, str(tmp_path / "sleeper.py"), str(tmp_path)]
+    cmd = None if launcher == "spawn" else [mpiexec(), "-n", "2", *rank_cmd]
+    harness = f"""
+import os, sys
+from pathlib import Path
+from full_model.megatron import run
+run._launch({cmd!r}, {rank_cmd!r}, n=2, env=dict(os.environ), log_path=Path({str(tmp_path / 'train.log')!r}),
+            timeout_s=200)
+"""
+    proc, _ = _terminate(harness, tmp_path, [tmp_path / "pid-0", tmp_path / "pid-1"], sig=signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    pids = [int((tmp_path / f"pid-{r}").read_text()) for r in (0, 1)]
+    end = time.monotonic() + 20
+    while any(_alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.1)
+    try:
+        assert [_alive(p) for p in pids] == [False, False]
+        assert [(tmp_path / f"term-{r}").read_text() for r in (0, 1)] == ["SIGTERM", "SIGTERM"]
+    finally:
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)

@@ -37,6 +37,7 @@ from full_model.megatron.setup import Dataset, SetupError, build_helpers, framew
 from microbench.harness.lifecycle import interrupt_name
 from microbench.model.config import TrainConfig
 from microbench.runtime import launch as rendezvous
+from microbench.runtime.spawn import term_with_parent
 
 SCHEMA = "megatron-run/1"
 LIBRARIES = ("torch", "deepspeed", "ezpz", "transformers", "mpi4py", "numpy")
@@ -292,7 +293,7 @@ def prebuild_cpu_ops(env: dict, *, log_path: Path, timeout_s: float, cmd: list[s
                       f"{lock.parent})\n")
             log.flush()
         proc = subprocess.Popen(cmd or PREBUILD, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=term_with_parent)
         try:
             proc.wait(timeout=timeout_s)
         except KeyboardInterrupt as e:  # its own session: a Ctrl-C or a kill of ours does not reach it
@@ -351,9 +352,10 @@ def _launch(cmd: list[str] | None, rank_cmd: list[str], *, n: int, env: dict, lo
     with open(log_path, "w", encoding="utf-8") as log:
         if cmd is not None:
             procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True)]
+                                      start_new_session=True, preexec_fn=term_with_parent)]
         else:
             procs = [subprocess.Popen(rank_cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=term_with_parent,
                                       env=dict(env, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r),
                                                LOCAL_WORLD_SIZE=str(n))) for r in range(n)]
         deadline = time.monotonic() + timeout_s

@@ -23,6 +23,13 @@ def _die_with_parent() -> None:
     Ctrl-C is ignored until the rank installs its own handler: the parent, which gets it too,
     stops the ranks (no KeyboardInterrupt traceback from a rank still importing torch)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term_with_parent()
+
+
+def term_with_parent() -> None:
+    """Between fork and exec: this child gets SIGTERM when the process that started it dies,
+    even by SIGKILL (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op). For children in sessions
+    of their own, which nothing else reaches once the parent is gone."""
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
