@@ -71,6 +71,37 @@ def test_log_excludes_warmup_and_reports_spread(tmp_path):
     assert m.timers_s is None
 
 
+def test_a_line_every_rank_printed_counts_once_and_its_warm_up_stays_out(tmp_path):
+    """Two ranks printing each iteration: before, the warm-up was left out by position after a
+    sort, so one copy of the 900 ms first step stayed in the statistic (median 110 → 120 ms)."""
+    log = _log(tmp_path / "one.log")
+    lines = log.read_text().splitlines()
+    twice = lines[:2] + [x for ln in lines[2:] for x in (ln, ln)]
+    (tmp_path / "two.log").write_text("\n".join(twice) + "\n")
+    m = measured_from_log(tmp_path / "two.log", tiny(), warmup=1)
+    assert m.step_times_s == pytest.approx([0.100, 0.110, 0.090, 0.130])
+    assert m.notes == [f"{tmp_path / 'two.log'}: 5 line(s) repeat an iteration with the same time (several ranks "
+                       "print it): counted once"]
+
+
+def test_a_concatenated_log_leaves_out_the_warm_up_of_each_run(tmp_path):
+    a = _log(tmp_path / "a.log").read_text()
+    b = _log(tmp_path / "b.log", elapsed=(800.0, 200.0, 210.0, 220.0, 230.0)).read_text()  # the same run again
+    (tmp_path / "ab.log").write_text(a + b)
+    m = measured_from_log(tmp_path / "ab.log", tiny(), warmup=1)
+    assert m.step_times_s == pytest.approx([0.100, 0.110, 0.090, 0.130, 0.200, 0.210, 0.220, 0.230])  # no 900, 800
+    assert len(m.notes) == 1 and "the iteration count starts again at line(s) 10" in m.notes[0]
+    assert "left out of each of its 2 runs" in m.notes[0]
+
+
+def test_a_record_read_with_a_problem_is_a_note_of_the_comparison(tmp_path):
+    log = _log(tmp_path / "train.log")
+    log.write_text(log.read_text().replace("lm loss=6.000000", "lm loss=inf", 1))
+    assert "lm loss=inf" in log.read_text()
+    c = compare(measured_from_log(log, tiny(), warmup=1), SpecProfile.from_yaml("polaris"))
+    assert any("1 record(s) read with a problem; first, line 3: lm_loss inf" in n for n in c.notes), c.notes
+
+
 def test_log_batch_mismatch_is_refused(tmp_path):
     log = _log(tmp_path / "train.log", gbs=16)
     with pytest.raises(CrossCheckError, match=r"global_batch_size=16 but the configuration has 8"):
@@ -91,6 +122,7 @@ def test_profile_shape_mismatch_is_refused(tmp_path):
     (["LOG", "--system", "polaris"], "a log does not carry its configuration"),
     (["RUN", "--model", "tiny", "--tp", "2", "--system", "polaris"], "differs from the one stated"),
     (["nowhere", "--system", "polaris"], "no such run directory or log file"),
+    (["LOG", "--model", "tiny", "--system", "polaris", "--warmup-steps", "-1"], "--warmup-steps -1: must be ≥ 0"),
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, args, needle):
     log = _log(tmp_path / "train.log")
@@ -100,6 +132,21 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, args, needle):
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert res.returncode == 2, res.stderr
     assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--system", "nosuch"], "unknown system 'nosuch'"),  # before: the tp2 probes ran for 30 s first
+    (["--system", "aurora", "--layouts", ","], "--layouts: no layout given"),  # before: exit 0, an empty table
+    (["--system", "aurora", "--layouts", "tp2,tp3"], "num_heads(8) % tp(3)"),  # before: after tp2 had run
+    (["--system", "aurora", "--warmup-steps", "-2", "--steps", "3"], "need warm-up ≥ 0"),  # before: the probes ran
+])
+def test_local_refuses_bad_input_before_anything_runs(tmp_path, args, needle):
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "analysis.crosscheck", "local", *args, "--out", str(out)], env=env(),
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not out.exists()
 
 
 def test_cli_compare_json(tmp_path):

@@ -29,7 +29,7 @@ import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from microbench.runtime.results import read_run
 from microbench.model.config import TrainConfig
@@ -38,6 +38,9 @@ from analysis.manifest import config_from_manifest
 from analysis.predict import Prediction, predict
 from analysis.system import SystemProfile
 from microbench.model.vocabulary import BREAKDOWN_TIMERS, COMPONENT_TIMER, MEGATRON_TIMERS, REFERENCE_TIMERS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SHAPE_FIELDS = ("num_layers", "hidden", "num_heads", "num_kv_heads", "ffn_hidden", "gated_mlp",
                 "seq_len", "vocab_size", "dtype")
@@ -60,6 +63,8 @@ class MeasuredStep:
     """Measured breakdown by BREAKDOWN_TIMERS, or None where the run has no timers."""
     dp_overlap: bool = True
     """Whether the run overlaps the DP gradient sync with the backward (the reference step does not)."""
+    notes: list[str] = field(default_factory=list)
+    """What reading the measurement changed or found (a log's repeated lines, restarts, bad records)."""
 
     @property
     def median_s(self) -> float:
@@ -148,10 +153,10 @@ def measured_from_log(path: str | Path, cfg: TrainConfig, *, warmup: int = 1) ->
         if got and got != [want]:
             raise CrossCheckError(f"{path}: the log has {col}={','.join(map(str, got))} but the configuration "
                                   f"has {want} ({flag}): not the same run")
-    if len(it) <= warmup:
+    kept, notes = _steady(it, res.warnings, warmup=warmup, path=path)
+    if len(kept) == 0:
         raise CrossCheckError(f"{path}: {len(it)} iteration(s), all inside the warm-up ({warmup}); "
                               "lower --warmup-steps or give a longer log")
-    kept = it.sort_values("iteration").iloc[warmup:]
     groups = None
     t = res.timers
     if len(t):
@@ -161,7 +166,33 @@ def measured_from_log(path: str | Path, cfg: TrainConfig, *, warmup: int = 1) ->
             for name, grp in t.groupby("name"):
                 groups[MEGATRON_TIMERS[name]] += float(grp["time_ms"].median()) / 1e3
     return MeasuredStep(config=cfg, step_times_s=[float(x) / 1e3 for x in kept["elapsed_ms"]], source=str(path),
-                    warmup=warmup, timers_s=groups)
+                    warmup=warmup, timers_s=groups, notes=notes)
+
+
+def _steady(it: pd.DataFrame, warnings: Sequence[tuple[int, str]], *, warmup: int,
+            path: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """A log's steady iterations, in file order: the same iteration with the same time printed by
+    several ranks counts once; where the count does not go up a new run starts (a restarted or
+    concatenated log) and its own first ``warmup`` iterations are left out too. Each of these,
+    and any other record the parser read with a problem, is a note."""
+    notes = []
+    it = it.sort_values("lineno", kind="stable")
+    once = it.drop_duplicates(subset=["iteration", "elapsed_ms"])
+    if len(once) < len(it):
+        notes.append(f"{path}: {len(it) - len(once)} line(s) repeat an iteration with the same time (several "
+                     "ranks print it): counted once")
+    run = (once["iteration"].diff().fillna(1) <= 0).cumsum()
+    kept = once[once.groupby(run).cumcount() >= warmup]
+    starts = once["lineno"][run.diff().fillna(0) > 0].tolist()
+    if starts:
+        notes.append(f"{path}: the iteration count starts again at line(s) {', '.join(map(str, starts[:5]))}"
+                     f"{', …' if len(starts) > 5 else ''} (a restarted or concatenated log): the warm-up ({warmup}) "
+                     f"is left out of each of its {len(starts) + 1} runs")
+    explained = set(it["lineno"]) - set(once["lineno"][run == 0])  # repeats and later runs: said above
+    other = [(n, m) for n, m in warnings if n not in explained]
+    if other:
+        notes.append(f"{path}: {len(other)} record(s) read with a problem; first, line {other[0][0]}: {other[0][1]}")
+    return kept, notes
 
 
 def check_profile_matches(cfg: TrainConfig, profile_dirs: Sequence[str | Path]) -> None:
@@ -202,7 +233,7 @@ def compare(measured: MeasuredStep, profile: SystemProfile, *, label: str | None
     p = cfg.parallel
     pr = predict(cfg, profile, dp_overlap=measured.dp_overlap)
     label = label or f"tp{p.tp} pp{p.pp} dp{p.dp}"
-    cmp = Comparison(label=label, measured=measured, prediction=pr)
+    cmp = Comparison(label=label, measured=measured, prediction=pr, notes=list(measured.notes))
     spread = measured.spread_s
     if measured.median_s > 0 and spread["stdev"] > 0.1 * measured.median_s:
         cmp.notes.append(f"{label}: measured stdev is {100 * spread['stdev'] / measured.median_s:.0f}% of the "

@@ -61,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def main_local(a: argparse.Namespace) -> int:
     out = a.out or user_path(str(default_out_dir("crosscheck")))
-    if a.steps <= a.warmup_steps:
-        raise CrossCheckError(f"--steps {a.steps} must exceed --warmup-steps {a.warmup_steps}")
+    if a.warmup_steps < 0 or a.steps <= a.warmup_steps:
+        raise CrossCheckError(f"--steps {a.steps} --warmup-steps {a.warmup_steps}: need warm-up ≥ 0 and steps "
+                              "above it")
     rows, notes = run_local([s for s in a.layouts.split(",") if s], model=a.model, steps=a.steps,
                             warmup=a.warmup_steps, out=out, system=a.system)
     print(format_table(rows))
@@ -76,6 +77,8 @@ def main_local(a: argparse.Namespace) -> int:
 
 
 def main_compare(a: argparse.Namespace) -> int:
+    if a.warmup_steps < 0:
+        raise CrossCheckError(f"--warmup-steps {a.warmup_steps}: must be ≥ 0")
     measured = _measured(a)
     if a.profile and not a.allow_shape_mismatch:
         check_profile_matches(measured.config, a.profile)

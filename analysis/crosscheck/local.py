@@ -8,7 +8,7 @@ from typing import Sequence
 
 from microbench.model.config import preset, with_layout
 
-from analysis.crosscheck import Comparison, compare, measured_from_run
+from analysis.crosscheck import Comparison, CrossCheckError, compare, measured_from_run
 from analysis.crosscheck.probes import run_command, measure_probes, parse_layout, require_system
 
 DEFAULT_LAYOUTS = "tp2,pp2,dp2"
@@ -20,18 +20,23 @@ def run_local(layouts: Sequence[str], *, model: str, steps: int, warmup: int, ou
     from analysis.measured import MeasuredProfile
     from analysis.spec import SpecProfile
     require_system("local", system)
+    if not layouts:
+        raise CrossCheckError("--layouts: no layout given (e.g. tp2,pp2,dp2)")
+    fallback = SpecProfile.from_yaml(system)  # a bad spec is refused before any run
+    base = preset(model)
+    gbs = base.parallel.global_batch  # the same global batch on every layout
+    plans = []
+    for text in layouts:  # every layout checked before the first runs
+        lay = parse_layout(text)
+        tp, pp, dp = lay.get("tp", 1), lay.get("pp", 1), lay.get("dp", 1)
+        plans.append((text, tp, pp, dp, with_layout(base, tp=tp, pp=pp, dp=dp, global_batch=gbs)))
     py = sys.executable
     notes = []
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, list[Path]] = {}
     comparisons = []
-    for text in layouts:
-        lay = parse_layout(text)
-        tp, pp, dp = lay.get("tp", 1), lay.get("pp", 1), lay.get("dp", 1)
+    for text, tp, pp, dp, cfg in plans:
         world = tp * pp * dp
-        base = preset(model)
-        gbs = base.parallel.global_batch  # the same global batch on every layout
-        cfg = with_layout(base, tp=tp, pp=pp, dp=dp, global_batch=gbs)  # refuse a bad layout before any run
         layout = ["--model", model, "--tp", str(tp), "--pp", str(pp), "--dp", str(dp)]
         print(f"# {text}: probes and reference step on {world} rank(s)", file=sys.stderr, flush=True)
         dirs = measure_probes(cfg, text=text, out=out, done=done, timeout=timeout)
@@ -39,7 +44,6 @@ def run_local(layouts: Sequence[str], *, model: str, steps: int, warmup: int, ou
         run_command([py, "-m", "full_model.train", *layout, "--gbs", str(gbs), "--steps", str(steps),
               "--warmup-steps", str(warmup), "--ranks", str(world), "--quiet", "--out", str(run_dir)],
              timeout=timeout, log=run_dir.with_suffix(".log"))
-        fallback = SpecProfile.from_yaml(system) if system else None
         profile = MeasuredProfile.from_rows(load(dirs), fallback=fallback, name=f"measured-local-{text}")
         measured = measured_from_run(run_dir)
         comparisons.append(compare(measured, profile, label=text))
