@@ -169,3 +169,23 @@ run._launch({cmd!r}, {rank_cmd!r}, n=2, env=dict(os.environ), log_path=Path({str
         for p in pids:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_an_error_while_waiting_on_a_probe_ends_it(tmp_path):
+    """Any exception while the command waits (here communicate's own ValueError for a NaN limit)
+    ends the child before it propagates: before, a NaN --timeout-s left the probe running, orphaned."""
+    from analysis.crosscheck.probes import run_command
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    with pytest.raises(ValueError):
+        run_command([sys.executable, str(tmp_path / "sleeper.py"), str(tmp_path)], timeout=float("nan"),
+                    log=tmp_path / "probe.log")
+    mine = str(tmp_path / "sleeper.py").encode()
+    left = []
+    for p in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if mine in p.read_bytes() and _alive(int(p.parent.name)):
+                left.append(int(p.parent.name))
+        except OSError:
+            continue
+    assert left == []
+    assert "# stopped by ValueError" in (tmp_path / "probe.log").read_text()

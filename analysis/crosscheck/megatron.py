@@ -266,9 +266,13 @@ def run_megatron(layouts: Sequence[str], *, model: TrainConfig, source: Path, ru
                  with_reference: bool = True, compute_iters: tuple[int, int] = (30, 5),
                  interleave: bool = True) -> tuple[list[FrameworkRow], list[str]]:
     require_system("megatron", system)
-    out.mkdir(parents=True, exist_ok=True)
-    fallback = framework_fallback(system) if system else None
+    if not layouts:
+        raise CrossCheckError("--layouts: no layout given (e.g. tp2,pp2,dp2,tp2pp2)")
+    fallback = framework_fallback(system)
     cfgs = [(text, layout_config(model, text)) for text in layouts]  # every layout refused or kept up front
+    for _, cfg in cfgs:
+        probe_flags(cfg)  # a configuration the probes cannot state is refused before any runs
+    out.mkdir(parents=True, exist_ok=True)
     # Every layout's probes first, on a machine no framework run has touched yet: a probe
     # started just after a framework run's ranks exit was seen to run 1.5-2x slow for
     # seconds (one transient of that kind doubled two GEMMs' means and the pp2/dp2 price).
@@ -363,6 +367,8 @@ def main_megatron(a: Any) -> int:
                               "0 ≤ warmup < iters")
     if a.probe_iters < 1 or a.probe_warmup < 0:
         raise CrossCheckError(f"--probe-iters {a.probe_iters} --probe-warmup {a.probe_warmup}: need ≥ 1 and ≥ 0")
+    if not 0 < a.timeout_s < float("inf"):
+        raise CrossCheckError(f"--timeout-s {a.timeout_s}: need a finite number of seconds > 0")
     if any(getattr(a, f) is not None for f in ("layers", "hidden", "ffn", "seq")):
         raise CrossCheckError("--layers/--hidden/--ffn/--seq: the probes take a preset only; add a preset to "
                               "microbench/model/config.py so probes and framework run the same shapes")

@@ -62,12 +62,13 @@ def run_command(cmd: list[str], *, timeout: float, log: Path, deadline: float | 
         out, err = _rest(proc)
         log.write_text(f"$ {' '.join(cmd)}\n# killed after {timeout:.1f} s\n{out}\n--- stderr ---\n{err}")
         raise subprocess.TimeoutExpired(cmd, timeout, out, err) from e
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under raise_on_terminate: the child goes too
+    except BaseException as e:  # Ctrl-C, SIGTERM under raise_on_terminate, or any error here: the child goes too
         end_child(proc)
         out, err = _rest(proc)
-        log.write_text(f"$ {' '.join(cmd)}\n# interrupted by {interrupt_name(e)} after "
-                       f"{time.monotonic() - t0:.1f} s; the command was ended (exit {proc.returncode})\n"
-                       f"{out}\n--- stderr ---\n{err}")
+        why = f"interrupted by {interrupt_name(e)}" if isinstance(e, KeyboardInterrupt) else \
+            f"stopped by {type(e).__name__}: {e}"
+        log.write_text(f"$ {' '.join(cmd)}\n# {why} after {time.monotonic() - t0:.1f} s; the command was ended "
+                       f"(exit {proc.returncode})\n{out}\n--- stderr ---\n{err}")
         raise
     res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     log.write_text(f"$ {' '.join(cmd)}\n# {time.monotonic() - t0:.1f} s, exit {res.returncode}\n"
