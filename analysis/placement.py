@@ -86,11 +86,26 @@ def _grid_placement(grid: Grid, axis: str, rpn: int) -> Placement:
             starts.setdefault(grid.rank_of(**fixed, **{axis: 0}) % rpn, fixed)
     worst_nodes, fewest = 1, sizes[axis]
     for fixed in starts.values():
-        per_node: dict[int, int] = {}
-        for k in range(sizes[axis]):
-            node = grid.rank_of(**fixed, **{axis: k}) // rpn
-            per_node[node] = per_node.get(node, 0) + 1
-        worst_nodes = max(worst_nodes, len(per_node))
-        fewest = min(fewest, min(per_node.values()))
+        base = grid.rank_of(**fixed, **{axis: 0})
+        stride = grid.rank_of(**fixed, **{axis: 1}) - base if sizes[axis] > 1 else 1
+        nodes, least = _span(base, stride, sizes[axis], rpn)
+        worst_nodes, fewest = max(worst_nodes, nodes), min(fewest, least)
     return Placement(crosses_nodes=worst_nodes > 1, ranks_per_node_in_group=max(1, fewest),
                      num_nodes=worst_nodes, num_groups=grid.size // sizes[axis])
+
+
+def _span(base: int, stride: int, n: int, rpn: int) -> tuple[int, int]:
+    """(nodes, fewest ranks on one of them) of the group ``base + stride·k``, ``k < n``, on nodes
+    of ``rpn`` ranks, in O(rpn) whatever ``n`` (a group of 10⁸ ranks is not walked). A stride
+    of a node or more puts every rank on a node of its own; a shorter one skips no node, and the
+    count on the nodes between the first and the last repeats with a period of at most
+    ``stride`` nodes (``m·rpn mod stride`` does)."""
+    if stride >= rpn:
+        return n, 1
+    first, last = base // rpn, (base + stride * (n - 1)) // rpn
+
+    def on(m: int) -> int:  # ranks of the group on node m: k with m·rpn ≤ base + stride·k < (m+1)·rpn
+        lo, hi = -(-(m * rpn - base) // stride), -(-((m + 1) * rpn - base) // stride)
+        return min(n, hi) - max(0, lo)
+    between = range(first + 1, min(last, first + 1 + stride))
+    return last - first + 1, min(on(m) for m in (first, last, *between))
