@@ -107,6 +107,16 @@ CASES = [
      "rows.jsonl:1: m 64.5 is not an integer ≥ 1"),
     ("results", "bytes-negative", lambda t: ("analysis.report", [_run(t, rows=_row(bytes=-1024))], {}), 2,
      "bytes -1024 is not an integer ≥ 0"),
+    ("results", "size-negative", lambda t: ("analysis.report", [_run(t, rows=_row(size_bytes=-1024))], {}), 2,
+     "rows.jsonl:1: size_bytes -1024 is not an integer ≥ 0"),
+    ("results", "group-of-none", lambda t: ("analysis.report", [_run(t, rows=_row(group_size=0))], {}), 2,
+     "rows.jsonl:1: group_size 0 is not an integer ≥ 1"),
+    ("results", "median-outside-min-max", lambda t: ("analysis.report", [_run(t, rows=_row(
+        time_us_min=9.0, time_us_median=0.0, time_us_max=11.0))], {}), 2,
+     "rows.jsonl:1: time_us_median 0.0 is outside the row's own [time_us_min, time_us_max] = [9.0, 11.0]"),
+    ("results", "manifest-ranks-per-node-0", lambda t: ("analysis.report", [_run(t, manifest=json.dumps(
+        {"schema_version": 1, "probe": "allreduce", "world_size": 2, "ranks_per_node": 0, "status": "ok"}).encode())],
+                                                        {}), 2, "manifest.json: ranks_per_node 0 is not an integer ≥ 1"),
     ("results", "status-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(status="maybe"))], {}), 2,
      "status 'maybe' is not one of ok, failed, skipped"),
     ("results", "dtype-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(dtype="fp7"))], {}), 2,

@@ -279,7 +279,8 @@ ROW_DTYPES = ("bf16", "fp16", "fp32", "fp64", "int32", "int64")
 """The dtype names a row carries (microbench.harness.options.CANONICAL_DTYPE's values); a case
 over buffers of several dtypes joins them with '+'."""
 _COUNTS = {"m": 1, "n": 1, "k": 1, "batch": 1, "world_size": 1, "iters": 1, "warmup": 0, "bytes": 0,
-           "num_wrong": 0, "num_checked": 0}
+           "num_wrong": 0, "num_checked": 0, "size_bytes": 0, "count": 0, "elements": 0, "group_size": 1,
+           "num_groups": 1, "ranks_per_node": 1}
 """Integer fields of a row and their least value."""
 
 
@@ -317,6 +318,12 @@ def row_problem(row: dict[str, Any], manifest: dict[str, Any] | None = None) -> 
                 return f"{key} {x!r} is not a finite time ≥ 0 µs"
     if status == "ok" and "time_us" in row and row["time_us"] == 0:
         return "time_us 0 in an ok row: a measured case takes time"
+    lo, hi = row.get("time_us_min"), row.get("time_us_max")
+    if lo is not None and hi is not None:  # both finite numbers ≥ 0 by now
+        for key in ("time_us_median", "time_us_mean"):
+            v = row.get(key)
+            if v is not None and not lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9):
+                return f"{key} {v!r} is outside the row's own [time_us_min, time_us_max] = [{lo!r}, {hi!r}]"
     run_world = (manifest or {}).get("world_size")
     if row.get("world_size") is not None and run_world is not None and row["world_size"] != run_world:
         return f"world_size {row['world_size']!r}, but the run's manifest says {run_world!r}"
@@ -345,9 +352,10 @@ def read_run(run_dir: str | os.PathLike, *, problems: list[str] | None = None
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ResultsError(f"{mpath}: schema_version {version!r}, this version reads {SCHEMA_VERSION}")
-    world = manifest.get("world_size")
-    if world is not None and not _is_count(world, 1):
-        raise ResultsError(f"{mpath}: world_size {world!r} is not an integer ≥ 1")
+    for key in ("world_size", "ranks_per_node", "num_nodes"):
+        v = manifest.get(key)
+        if v is not None and not _is_count(v, 1):
+            raise ResultsError(f"{mpath}: {key} {v!r} is not an integer ≥ 1")
     if manifest.get("status") == "running":
         manifest = _after_closer(d, manifest, problems)
     manifest["status"] = run_status(manifest)
