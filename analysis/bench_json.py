@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from microbench.runtime.results import ResultsError, is_number
+from microbench.runtime.results import ResultsError
+from microbench.runtime.rowcheck import is_number
 
 STATS_US = {"median": "time_us_median", "mean": "time_us_mean", "min": "time_us_min",
             "max": "time_us_max", "stddev": "time_us_stdev", "iqr": "time_us_iqr"}

@@ -42,7 +42,14 @@ def _as_list(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Pat
 
 
 def _allow_incomplete(flag: bool | None) -> bool:
-    return flag if flag is not None else os.environ.get(ALLOW_INCOMPLETE_ENV, "") not in ("", "0")
+    if flag is not None:
+        return flag
+    text = os.environ.get(ALLOW_INCOMPLETE_ENV, "")
+    value = {"": False, "0": False, "false": False, "no": False, "off": False,
+             "1": True, "true": True, "yes": True, "on": True}.get(text.strip().lower())
+    if value is None:  # "maybe" was read as yes before: only "" and "0" meant no
+        raise ResultsError(f"{ALLOW_INCOMPLETE_ENV}={text!r}: not 1 or 0 (true/false, yes/no, on/off)")
+    return value
 
 
 def load_run(run_dir: str | os.PathLike, *, allow_incomplete: bool | None = None,

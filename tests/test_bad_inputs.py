@@ -94,7 +94,7 @@ CASES = [
      2, "rows.jsonl: missing"),
     ("results", "run-with-zero-rows", lambda t: ("analysis.report", [_run(t, rows=b"")], {}),
      2, "the run has no rows"),
-    # a row's known fields (microbench.runtime.results.row_problem): each was read as data
+    # a row's known fields (microbench.runtime.rowcheck.row_problem): each was read as data
     ("results", "time-negative", lambda t: ("analysis.report", [_run(t, rows=_row(time_us=-5.0))], {}), 2,
      "rows.jsonl:1: time_us -5.0 is not a finite time ≥ 0 µs"),
     ("results", "time-nan", lambda t: ("analysis.report", [_run(t, rows=_row(time_us=float("nan")))], {}), 2,
@@ -143,6 +143,16 @@ CASES = [
                                                {"MICROBENCH_MDS_PROFILE": str(t / "prof"),
                                                 "MICROBENCH_MDS_PROFILE_ITER": "abc"}),
      2, "MICROBENCH_MDS_PROFILE_ITER='abc' is not an iteration number"),
+    # any value but "" and "0" read as yes before: "false" let an incomplete run's rows in
+    ("env", "allow-incomplete-false", lambda t: ("analysis.report", [_run(t, closed=False)],
+                                                 {"MICROBENCH_ALLOW_INCOMPLETE": "false"}), 2, "incomplete run"),
+    ("env", "allow-incomplete-maybe", lambda t: ("analysis.report", [_run(t)], {"MICROBENCH_ALLOW_INCOMPLETE": "maybe"}),
+     2, "MICROBENCH_ALLOW_INCOMPLETE='maybe': not 1 or 0"),
+    # every rank made the directory at start: a path under a file ended each rank (exit 1)
+    ("env", "mds-profile-under-a-file", lambda t: ("full_model.megatron", ["run", "--model", "mds-cpu", "--out",
+                                                                           str(t / "m")],
+                                                   {"MICROBENCH_MDS_PROFILE": _file(t, "f", "x") + "/prof"}),
+     2, "MICROBENCH_MDS_PROFILE="),
     ("env", "pmi-rank-abc", lambda t: (AR, [], {"PMI_RANK": "abc", "PMI_SIZE": "2"}), 2, "PMI_RANK='abc'"),
     ("env", "torchrun-vs-pmi", lambda t: (AR, [], {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
                                                     "PMI_RANK": "0", "PMI_SIZE": "2"}), 2,

@@ -92,8 +92,10 @@ def test_a_peak_is_stated_once():
 
 def test_provenance_and_calibration_records_are_accepted_and_shown(tmp_path):
     p = tmp_path / "rec.yaml"
-    p.write_text(AURORA + "provenance:\n  network.inter.nic_gbps: Slingshot-11, 200 Gb/s\n"
-                 "calibration: {date: 2026-11-30, mape_pct: 8.1}\n")
+    assert AURORA.count("\nprovenance:\n") == 1 and "\ncalibration:" not in AURORA
+    # into the file's own provenance block: a second `provenance:` would be a duplicate key
+    p.write_text(AURORA.replace("\nprovenance:\n", "\nprovenance:\n  network.inter.nic_gbps: Slingshot-11, 200 Gb/s\n")
+                 + "calibration: {date: 2026-11-30, mape_pct: 8.1}\n")
     prof = SpecProfile.from_yaml(p)
     src = prof.sources()["p2p.inter"]
     assert src.startswith(f"specified ({p}: network.inter.nic_gbps") and "Slingshot-11, 200 Gb/s" in src

@@ -48,6 +48,15 @@ def check_env(environ) -> None:
     if environ.get(ENV) and v is not None and not (v.strip().isdigit() and int(v) >= 1):
         raise ValueError(f"environment variable {ENV_ITER}={v!r} is not an iteration number ≥ 1 "
                          "(the iteration to profile; unset it for 4)")
+    where = environ.get(ENV)
+    if where:  # every rank writes there: a directory that cannot be made ended each rank at start
+        try:
+            Path(where).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"environment variable {ENV}={where!r}: cannot make the directory "
+                             f"({e.strerror or e})") from None
+        if not os.access(where, os.W_OK):
+            raise ValueError(f"environment variable {ENV}={where!r}: the directory is not writable")
 
 
 class _State:
