@@ -134,9 +134,14 @@ def read_cases(path: str | Path, *, ranks_per_node: int = 8, ignored: list[str] 
         raise ValueError(f"calibration data {str(path)!r} not found")
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows = list(reader)
     except (UnicodeDecodeError, csv.Error, OSError) as e:
         raise ValueError(f"{path}: not a readable CSV ({e})") from None
+    header = reader.fieldnames or []
+    twice = next((c for i, c in enumerate(header) if c in header[:i]), None)
+    if twice is not None:  # csv.DictReader keeps the last of two equal columns without a word
+        raise ValueError(f"{path}:1: column {twice!r} appears twice in the header")
     if not rows:
         raise ValueError(f"{path}: no rows")
     vtrain = "hidden size" in rows[0]

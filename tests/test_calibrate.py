@@ -127,6 +127,17 @@ def test_score_prints_one_json_object_for_the_project_format(tmp_path, capsys):
     assert set(out) == {"mape", "max_error", "n"} and out["n"] == 2
 
 
+def test_a_column_named_twice_is_refused_not_read_as_the_last(tmp_path, capsys):
+    """csv.DictReader keeps the second of two equal header names without a word: the score was
+    computed against the second column's times (1 ms) instead of the measured ones."""
+    path = tmp_path / "twice.csv"
+    _write_project_csv(path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0] + ",step_time_s"] + [ln + ",0.001" for ln in lines[1:]]) + "\n")
+    assert main(["--system", "dgx-a100-80gb", "--data", str(path), "--score"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: calibrate: {path}:1: column 'step_time_s' appears twice in the header"
+
+
 def test_bad_csv_is_one_line_naming_file_line_and_column(tmp_path, capsys):
     path = tmp_path / "bad.csv"
     path.write_text("layers,hidden\n4,1024\n")
