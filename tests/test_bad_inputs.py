@@ -117,6 +117,11 @@ CASES = [
     ("results", "manifest-ranks-per-node-0", lambda t: ("analysis.report", [_run(t, manifest=json.dumps(
         {"schema_version": 1, "probe": "allreduce", "world_size": 2, "ranks_per_node": 0, "status": "ok"}).encode())],
                                                         {}), 2, "manifest.json: ranks_per_node 0 is not an integer ≥ 1"),
+    ("results", "key-twice", lambda t: ("analysis.report", [_run(t, rows=_row()[:-2] + b', "time_us": 0.001}\n')], {}),
+     2, "rows.jsonl:1: unreadable JSON line (key 'time_us' given twice in one object)"),
+    ("results", "manifest-key-twice", lambda t: ("analysis.report", [_run(t, manifest=(
+        '{"schema_version": 1, "probe": "allreduce", "world_size": 2, "status": "ok", "world_size": 4}').encode())], {}),
+     2, "manifest.json: key 'world_size' given twice in one object"),
     ("results", "status-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(status="maybe"))], {}), 2,
      "status 'maybe' is not one of ok, failed, skipped"),
     ("results", "dtype-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(dtype="fp7"))], {}), 2,

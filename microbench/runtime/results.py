@@ -275,6 +275,17 @@ def _read_text(path: Path) -> str:
         raise ResultsError(f"{path}: cannot read: {e.strerror}") from None
 
 
+def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: json keeps the last of two equal keys
+    without a word, so a row edited or spliced by hand could carry two times and be read by one."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} given twice in one object")
+        out[k] = v
+    return out
+
+
 def read_run(run_dir: str | os.PathLike, *, problems: list[str] | None = None
              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Manifest and rows of one run directory, with the schema checked line by line.
@@ -289,9 +300,11 @@ def read_run(run_dir: str | os.PathLike, *, problems: list[str] | None = None
     if not mpath.is_file():
         raise ResultsError(f"{d}: not a run directory (no {MANIFEST})")
     try:
-        manifest = json.loads(_read_text(mpath))
+        manifest = json.loads(_read_text(mpath), object_pairs_hook=_once)
     except json.JSONDecodeError as e:
         raise ResultsError(f"{mpath}: malformed JSON: {e}") from None
+    except ValueError as e:  # a key given twice
+        raise ResultsError(f"{mpath}: {e}") from None
     if not isinstance(manifest, dict):
         raise ResultsError(f"{mpath}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("schema_version")
@@ -315,8 +328,8 @@ def read_run(run_dir: str | os.PathLike, *, problems: list[str] | None = None
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
+            row = json.loads(line, object_pairs_hook=_once)
+        except ValueError as e:  # JSONDecodeError, an integer past Python's digit limit, a key given twice
             if not isinstance(e, json.JSONDecodeError):
                 raise ResultsError(f"{rpath}:{lineno}: unreadable JSON line ({e}): {line[:80]!r}") from None
             if torn and lineno == len(lines):
