@@ -195,6 +195,8 @@ LOGS = [
     ("record-cut-short", GOOD_ITER.format(i=3, e="120.0", loss="2.5")[:60], 3),
     ("loss-negative", GOOD_ITER.format(i=3, e="120.0", loss="-2.5"), 4),
     ("iteration-again", GOOD_ITER.format(i=2, e="120.0", loss="2.5"), 4),
+    # the last of the two was taken without a word (9999 ms where the record began with 120 ms)
+    ("a-field-twice", GOOD_ITER.format(i=3, e="120.0", loss="2.5") + " elapsed_time_per_iteration_ms=9999.0 |", 3),
 ]
 
 

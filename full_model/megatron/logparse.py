@@ -210,6 +210,7 @@ def _parse_megatron_iteration(line: str, lineno: int,
     fmt = "kv" if "=" in line[head.start():head.end()] else "upstream"
     row = _empty_row(lineno, fmt, timestamp)
     row["iteration"], row["train_iters"] = _digits(head.group(1)), _digits(head.group(2))
+    seen: set[str] = set()  # a field given twice with two values: which one the run meant is unknown
     for part in line[head.end():].split("|"):
         part = part.strip()
         if not part:
@@ -222,11 +223,17 @@ def _parse_megatron_iteration(line: str, lineno: int,
         if column is None:
             continue  # a field we do not model (kept out of the frame on purpose)
         try:
-            row[column] = number(value)
+            v = number(value)
         except ValueError:
             if column == "elapsed_ms":
                 return None
             warnings.append((lineno, f"{key.strip()}: unreadable value {value.strip()!r}"))
+            continue
+        if column in seen and row[column] != v and not (v != v and row[column] != row[column]):
+            warnings.append((lineno, f"{column} given twice on one line ({row[column]} and {v}): record refused"))
+            return None
+        seen.add(column)
+        row[column] = v
     if row["elapsed_ms"] is None:
         return None
     if row["tflops"] is not None:
