@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from microbench.runtime.results import ResultsError
-from microbench.runtime.rowcheck import is_number
+from microbench.runtime.rowcheck import is_number, row_problem
 
 STATS_US = {"median": "time_us_median", "mean": "time_us_mean", "min": "time_us_min",
             "max": "time_us_max", "stddev": "time_us_stdev", "iqr": "time_us_iqr"}
@@ -42,8 +42,11 @@ def load_benchmark_json(path: str | os.PathLike) -> pd.DataFrame:
         stats = b.get("stats") if isinstance(b, dict) else None
         if not isinstance(stats, dict) or "median" not in stats:
             raise ResultsError(f"{p}: benchmarks[{i}] has no stats.median")
-        row = {"probe": "pytest-benchmark", "case": b.get("name"), "status": "ok",
-               "group": b.get("group"), **(b.get("extra_info") or {})}
+        where = f"{p}: benchmarks[{i}] ({b.get('name')})"
+        extra = b.get("extra_info") or {}
+        if not isinstance(extra, dict):
+            raise ResultsError(f"{where}: extra_info is a {type(extra).__name__}, not an object")
+        row = {"probe": "pytest-benchmark", "case": b.get("name"), "status": "ok", "group": b.get("group"), **extra}
         for key, col in STATS_US.items():
             if key in stats:
                 v = stats[key]
@@ -59,7 +62,14 @@ def load_benchmark_json(path: str | os.PathLike) -> pd.DataFrame:
         row["iters"] = stats.get("rounds")
         row["iterations_per_round"] = stats.get("iterations")
         if "data" in stats:
-            row["time_us_samples"] = [x * 1e6 for x in stats["data"]]
+            data = stats["data"] if isinstance(stats["data"], list) else [stats["data"]]
+            row["time_us_samples"] = [x * 1e6 if is_number(x) else x for x in data]
+        for key in ("flop", "bytes_moved"):  # the rates below are derived from them
+            if row.get(key) is not None and not (is_number(row[key]) and math.isfinite(row[key]) and row[key] >= 0):
+                raise ResultsError(f"{where}: extra_info.{key} {row[key]!r} is not a finite number ≥ 0")
+        bad = row_problem(row)  # the same checks as a run directory's rows (time, counts, dtype, status)
+        if bad:
+            raise ResultsError(f"{where}: {bad}")
         t = stats["median"]
         if t > 0 and row.get("flop") and row.get("tflops") is None:
             row["tflops"] = row["flop"] / t / 1e12

@@ -307,6 +307,33 @@ def test_benchmark_json_with_a_corrupt_time_is_named(tmp_path, median, text):
         load(path)
 
 
+@pytest.mark.parametrize("where, key, value, text", [
+    ("extra_info", "flop", "abc", "extra_info.flop 'abc' is not a finite number ≥ 0"),  # a TypeError before
+    ("stats", "data", [0.002, "x"], "time_us_samples 'x' is not a finite time ≥ 0 µs"),  # a TypeError before
+    ("stats", "rounds", 0, "iters 0 is not an integer ≥ 1"),  # loaded before: what follows too
+    ("extra_info", "m", -64, "m -64 is not an integer ≥ 1"),
+    ("extra_info", "dtype", "fp7", "dtype 'fp7' is not one of"),
+    ("stats", "max", 0.0015, "time_us_median 2000.0 is outside the row's own [time_us_min, time_us_max]"),
+    (None, "extra_info", [1, 2], "extra_info is a list, not an object"),  # a TypeError before
+])
+def test_benchmark_json_fields_are_checked_as_run_rows_are(tmp_path, where, key, value, text):
+    """extra_info and the stats become a row: the same checks as a run directory's rows apply,
+    named by the benchmark, one line; the good document loads (the control)."""
+    from analysis.load import load
+    from microbench.runtime.results import ResultsError
+    doc = {"machine_info": {"node": "h"}, "datetime": "2026-12-04",
+           "benchmarks": [{"name": "test_x", "extra_info": {"kind": "gemm", "m": 64, "n": 64, "k": 64, "flop": 5.2e5,
+                                                            "dtype": "fp32"},
+                           "stats": {"median": 0.002, "min": 0.001, "max": 0.003, "rounds": 3, "data": [0.002] * 3}}]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(doc))
+    assert load(path)["time_us"].tolist() == [2000.0]
+    (doc["benchmarks"][0] if where is None else doc["benchmarks"][0][where])[key] = value
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ResultsError, match=re.escape(f"bench.json: benchmarks[0] (test_x): {text}")):
+        load(path)
+
+
 def test_compute_does_not_import_peak():
     """peak.py imports compute.py; the other way round would be a circle (issue 10)."""
     import subprocess
