@@ -64,6 +64,24 @@ def test_run_dir_arithmetic(tmp_path):
     assert groups["p2p_wait"] == pytest.approx(c.prediction.breakdown_s["pp_p2p"] + c.prediction.breakdown_s["bubble"])
 
 
+@pytest.mark.parametrize("summary, text", [
+    ({"time_us_samples": []}, "its train_summary row has no step times (time_us_samples []"),  # min() of nothing
+    ({"time_us_samples": None}, "its train_summary row has no step times (time_us_samples None"),  # a KeyError
+    ({"timers_us_bottleneck": {"forward": "x"}}, "timers_us_bottleneck is not timer → µs ≥ 0 (forward: 'x')"),
+    ({"timers_us_bottleneck": [1, 2]}, "timers_us_bottleneck is not timer → µs ≥ 0 (a list, not an object)"),
+])
+def test_a_train_summary_without_usable_times_is_one_line(tmp_path, summary, text):
+    """Before, each of these ended in a traceback (ValueError, KeyError, TypeError, AttributeError)."""
+    cfg = tiny()
+    with RunWriter(tmp_path / "run", {"probe": "full_model.train", "config": _cfg_dict(cfg)}) as w:
+        row = {"probe": "full_model.train", "kind": "train_summary", "status": "ok", "warmup": 1,
+               "time_us_samples": SAMPLES_US, "time_us": 105_000.0, "timers_us_bottleneck": {"forward": 1.0}}
+        w.write_row({k: v for k, v in {**row, **summary}.items() if v is not None})
+    with pytest.raises(CrossCheckError) as e:
+        measured_from_run(tmp_path / "run")
+    assert str(e.value).startswith(f"{tmp_path / 'run'}: ") and text in str(e.value), str(e.value)
+
+
 def test_log_excludes_warmup_and_reports_spread(tmp_path):
     m = measured_from_log(_log(tmp_path / "train.log"), tiny(), warmup=1)
     assert m.step_times_s == pytest.approx([0.100, 0.110, 0.090, 0.130])  # the 900 ms first step is out

@@ -26,12 +26,14 @@ profile from their rows, the prediction, the reference step, and the comparison 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from microbench.runtime.results import read_run
+from microbench.runtime.rowcheck import is_number
 from microbench.model.config import TrainConfig
 
 from analysis.manifest import config_from_manifest
@@ -126,14 +128,23 @@ def measured_from_run(run_dir: str | Path) -> MeasuredStep:
         why = f": {failed[0]}" if failed else " (did the run finish?)"
         raise CrossCheckError(f"{run_dir}: no train_summary row{why}")
     s = summary[-1]
-    timers = s.get("timers_us_bottleneck") or s.get("timers_us")
+    samples = s.get("time_us_samples")
+    if not isinstance(samples, list) or not samples or 0 in samples:  # each a finite number ≥ 0 (read_run)
+        raise CrossCheckError(f"{run_dir}: its train_summary row has no step times (time_us_samples "
+                              f"{samples!r}: a non-empty list of times > 0)")
+    key = "timers_us_bottleneck" if s.get("timers_us_bottleneck") else "timers_us"
+    timers = s.get(key)
     groups = None
     if timers:
+        bad = next((f"{k}: {v!r}" for k, v in timers.items() if not (is_number(v) and math.isfinite(v) and v >= 0)),
+                   None) if isinstance(timers, dict) else f"a {type(timers).__name__}, not an object"
+        if bad:
+            raise CrossCheckError(f"{run_dir}: its train_summary row's {key} is not timer → µs ≥ 0 ({bad})")
         us = dict.fromkeys(BREAKDOWN_TIMERS, 0.0)
         for name, timer in REFERENCE_TIMERS.items():
             us[timer] += timers.get(name, 0)
         groups = {k: v / 1e6 for k, v in us.items()}
-    return MeasuredStep(config=cfg, step_times_s=[t / 1e6 for t in s["time_us_samples"]], source=str(run_dir),
+    return MeasuredStep(config=cfg, step_times_s=[t / 1e6 for t in samples], source=str(run_dir),
                     warmup=int(s.get("warmup", 0)), timers_s=groups,
                     dp_overlap=bool(manifest.get("dp_overlap", True)))
 
