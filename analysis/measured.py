@@ -148,11 +148,15 @@ class MeasuredProfile(SystemProfile):
     def _ingest_attention(self, df) -> None:
         """The rate of each path (fused / explicit) per phase. Which path a step takes is the
         framework's choice (the spec's attention_fused), not the probe's."""
-        for _, r in df[df["kind"] == "attention"].iterrows():
-            if r.get("flop") and r["_t_s"] > 0:
-                path = r.get("path") if isinstance(r.get("path"), str) else _extra(r, "path")
-                self.attention_rates.setdefault((str(path or "fused"), str(r["phase"])), []).append(
-                    (float(r["flop"]), float(r["flop"]) / r["_t_s"]))
+        rows = df[df["kind"] == "attention"]
+        usable = rows[rows["flop"].notna() & (rows["flop"] > 0) & (rows["_t_s"] > 0)] if "flop" in rows else rows.iloc[0:0]
+        if len(usable) < len(rows):  # NaN is true: a row without flop once priced attention at NaN
+            self.notes.append(f"left out {len(rows) - len(usable)} attention row(s) without a flop count > 0 "
+                              "and a time > 0 (nothing to take a rate from)")
+        for _, r in usable.iterrows():
+            path = r.get("path") if isinstance(r.get("path"), str) else _extra(r, "path")
+            self.attention_rates.setdefault((str(path or "fused"), str(r["phase"])), []).append(
+                (float(r["flop"]), float(r["flop"]) / r["_t_s"]))
 
     def _ingest_memops(self, df) -> None:
         mo = df[(df["kind"] == "memop") & df["bytes_moved"].notna()] if "bytes_moved" in df.columns else df.iloc[0:0]

@@ -122,6 +122,15 @@ CASES = [
     ("results", "manifest-key-twice", lambda t: ("analysis.report", [_run(t, manifest=(
         '{"schema_version": 1, "probe": "allreduce", "world_size": 2, "status": "ok", "world_size": 4}').encode())], {}),
      2, "manifest.json: key 'world_size' given twice in one object"),
+    # each reached the profile before: a TypeError traceback, or an α–β fit over 1e308 bytes
+    ("results", "op-not-text", lambda t: ("analysis.report", [_run(t, rows=_row(op=["gemm"]))], {}), 2,
+     "rows.jsonl:1: op ['gemm'] is not text"),
+    ("results", "rate-negative", lambda t: ("analysis.report", [_run(t, rows=_row(busbw_gbps=-3.0))], {}), 2,
+     "rows.jsonl:1: busbw_gbps -3.0 is not a finite number ≥ 0"),
+    ("results", "bytes-past-int64", lambda t: ("analysis.report", [_run(t, rows=_row(size_bytes=1e308))], {}), 2,
+     "rows.jsonl:1: size_bytes 1e+308 is not an integer ≥ 0"),
+    ("results", "median-a-list", lambda t: ("analysis.report", [_run(t, rows=_row(time_us_median=[10.0]))], {}), 2,
+     "rows.jsonl:1: time_us_median [10.0] is not a time (only *_samples hold a list)"),
     ("results", "status-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(status="maybe"))], {}), 2,
      "status 'maybe' is not one of ok, failed, skipped"),
     ("results", "dtype-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(dtype="fp7"))], {}), 2,

@@ -124,6 +124,24 @@ def test_a_row_of_a_kind_no_profile_reads_is_left_out_and_said():
     assert len(prof.gemm_table) == len(good.gemm_table) - 1
 
 
+def test_an_attention_row_without_a_flop_count_is_left_out_and_said():
+    """NaN is true in Python: an attention row whose flop was missing gave a NaN rate, and the
+    prediction printed NaN with exit 0. Now it is left out with a note; the step is finite."""
+    import math
+
+    import pandas as pd
+    cfg = with_layout(preset("llama2-7b"), tp=2, dp=4)
+    rows = _rows(cfg).query("status == 'ok'").reset_index(drop=True)
+    att = {"probe": "attention", "kind": "attention", "status": "ok", "path": "explicit", "phase": "fwd",
+           "dtype": cfg.model.dtype, "time_us": 100.0, "time_us_mean": 100.0, "iters": 3}
+    both = pd.concat([rows, pd.DataFrame([{**att, "flop": 1e9}, {**att, "flop": float("nan")}])], ignore_index=True)
+    prof = MeasuredProfile.from_rows(both, fallback="dgx-a100-80gb")
+    assert prof.notes == ["left out 1 attention row(s) without a flop count > 0 and a time > 0 (nothing to take a "
+                          "rate from)"]
+    assert prof.attention_rates[("explicit", "fwd")] == [(1e9, pytest.approx(1e9 / 100e-6))]
+    assert math.isfinite(predict(cfg, prof).step_time_s)
+
+
 def test_profile_from_run_dir_uses_same_code_path(tmp_path, capsys):
     cfg = preset("tiny")
     run = tmp_path / "run1"

@@ -12,8 +12,20 @@ ROW_DTYPES = ("bf16", "fp16", "fp32", "fp64", "int32", "int64")
 over buffers of several dtypes joins them with '+'."""
 _COUNTS = {"m": 1, "n": 1, "k": 1, "batch": 1, "world_size": 1, "iters": 1, "warmup": 0, "bytes": 0,
            "num_wrong": 0, "num_checked": 0, "size_bytes": 0, "count": 0, "elements": 0, "group_size": 1,
-           "num_groups": 1, "ranks_per_node": 1}
+           "num_groups": 1, "ranks_per_node": 1, "flop": 0, "flop_causal": 0, "bytes_moved": 0, "bytes_step": 0,
+           "bytes_per_pair": 0}
 """Integer fields of a row and their least value."""
+
+
+_TEXT = ("probe", "case", "kind", "op", "phase", "path", "axis", "place", "statistic", "timing", "mode", "variant",
+         "recompute", "norm", "link", "layout", "backend", "device", "redop", "collective_name", "concurrent")
+"""Fields a row names something with: text where present (a list or a number there broke the
+profile's grouping with a TypeError)."""
+_QUANTITIES = ("bus_bytes", "tflops", "tflops_causal", "gbps", "algbw_gbps", "busbw_gbps", "busbw_factor", "pair_gbps",
+               "gemm_gflop", "ops_us", "pct_peak", "scale", "extrapolation")
+"""Fields the profile computes with that cannot be negative: finite numbers ≥ 0 where present."""
+_SIGNED = ("host_us", "exposed_fraction")
+"""Fields that may come out below 0 from noise (a phase less its operations; overlap): finite."""
 
 
 def is_number(v: Any) -> bool:
@@ -21,15 +33,19 @@ def is_number(v: Any) -> bool:
 
 
 def is_count(v: Any, least: int) -> bool:
-    return is_number(v) and float(v).is_integer() and v >= least
+    """A whole number from ``least`` up to int64's range (a column of them is int64 in pandas;
+    a byte count of 1e308 passed as whole and overflowed the α–β fit)."""
+    return is_number(v) and float(v).is_integer() and least <= v < 2 ** 63
 
 
 def row_problem(row: dict[str, Any], manifest: dict[str, Any] | None = None) -> str | None:
     """What is wrong with one row's known fields (None when nothing is): its status is one of
     :data:`ROW_STATUSES` and its dtype one of :data:`ROW_DTYPES`; its world size is its run's
     (the manifest's, where both say); a count (``m``, ``bytes``, ``world_size`` …) is an integer at least its
-    least value; every ``time_us*`` figure and sample is a finite number ≥ 0, and an ``ok``
-    row's ``time_us`` is > 0 (a measured case took time). Fields it does not know are left alone."""
+    least value; every ``time_us*`` figure and sample is a finite number ≥ 0 (a median or mean
+    within the row's own min and max), and an ``ok`` row's ``time_us`` is > 0 (a measured case
+    took time); the fields it names things with are text and the quantities it computes with
+    finite numbers (≥ 0 but for :data:`_SIGNED`). Fields it does not know are left alone."""
     status = row.get("status")
     if "status" in row and status not in ROW_STATUSES:
         return f"status {status!r} is not one of {', '.join(ROW_STATUSES)}"
@@ -41,9 +57,18 @@ def row_problem(row: dict[str, Any], manifest: dict[str, Any] | None = None) -> 
         if key in row and row[key] is not None:
             if not is_count(row[key], least):
                 return f"{key} {row[key]!r} is not an integer ≥ {least}"
+    for key in _TEXT:
+        if row.get(key) is not None and not isinstance(row[key], str):
+            return f"{key} {row[key]!r} is not text"
+    for key in (*_QUANTITIES, *_SIGNED):
+        v = row.get(key)
+        if v is not None and not (is_number(v) and math.isfinite(v) and (key in _SIGNED or v >= 0)):
+            return f"{key} {v!r} is not a finite number{'' if key in _SIGNED else ' ≥ 0'}"
     for key, v in row.items():
         if not key.startswith(("time_us", "warmup_us")) or v is None:
             continue
+        if isinstance(v, list) and not key.endswith("_samples"):
+            return f"{key} {v!r} is not a time (only *_samples hold a list)"
         values = v if isinstance(v, list) else [v]
         for x in values:
             if not (is_number(x) and math.isfinite(x) and x >= 0):
