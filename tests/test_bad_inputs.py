@@ -131,6 +131,9 @@ CASES = [
      "rows.jsonl:1: size_bytes 1e+308 is not an integer ≥ 0"),
     ("results", "median-a-list", lambda t: ("analysis.report", [_run(t, rows=_row(time_us_median=[10.0]))], {}), 2,
      "rows.jsonl:1: time_us_median [10.0] is not a time (only *_samples hold a list)"),
+    ("results", "manifest-run-id-a-list", lambda t: ("analysis.report", [_run(t, manifest=json.dumps(
+        {"schema_version": 1, "probe": "allreduce", "world_size": 2, "run_id": ["a"], "status": "ok"}).encode())], {}),
+     2, "manifest.json: run_id ['a'] is not text"),
     ("results", "status-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(status="maybe"))], {}), 2,
      "status 'maybe' is not one of ok, failed, skipped"),
     ("results", "dtype-unknown", lambda t: ("analysis.report", [_run(t, rows=_row(dtype="fp7"))], {}), 2,

@@ -314,6 +314,10 @@ def read_run(run_dir: str | os.PathLike, *, problems: list[str] | None = None
         v = manifest.get(key)
         if v is not None and not is_count(v, 1):
             raise ResultsError(f"{mpath}: {key} {v!r} is not an integer ≥ 1")
+    for key in ("run_id", "probe", "model", "system", "hostname", "device", "device_name", "backend", "launcher"):
+        v = manifest.get(key)  # names a run is found and grouped by (a list as run_id: a TypeError)
+        if v is not None and not isinstance(v, str):
+            raise ResultsError(f"{mpath}: {key} {v!r} is not text")
     if manifest.get("status") == "running":
         manifest = _after_closer(d, manifest, problems)
     manifest["status"] = run_status(manifest)
