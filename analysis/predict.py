@@ -37,6 +37,7 @@ from microbench.model.config import TrainConfig
 from microbench.model.vocabulary import STEP_COMPONENTS, word_mix
 
 from analysis import formulas
+from analysis.errors import require_finite
 from analysis.measured import load_profile
 from analysis.placement import group_placement
 from analysis.provenance import Ledger, seconds_by_word, summarise
@@ -234,7 +235,10 @@ def predict(cfg: TrainConfig, profile: SystemProfile, *, dp_overlap: bool = True
     br = _schedule(cfg, per_mb, stages, name, p2p, ledger, sharing=profile.host_sharing, notes=notes)
     _step_ops(cfg, w, pr, br, t_b=stages[name].bwd_s + p2p["bwd"], stage_mb=sum(per_mb.values()),
               dp_overlap=dp_overlap)
-    return _prediction(cfg, profile, w, ledger, br, stages[name], p2p, name, notes)
+    pred = _prediction(cfg, profile, w, ledger, br, stages[name], p2p, name, notes)
+    require_finite({**pred.breakdown_s, "step": pred.step_time_s, **{f"{k} share ({w})": v for k, by in
+                    pred.provenance_s.items() for w, v in by.items()}}, pred.sources, where=profile.name)
+    return pred
 
 
 def _stages(cfg: TrainConfig, pr: _Pricer, w: _wl.Workload, device: dict[str, float],

@@ -72,6 +72,19 @@ def test_a_knob_given_twice_is_refused_not_read_as_the_last(tmp_path):
     assert str(e.value) == (f"{p}:{line + 1}: YAML syntax error: duplicate key 'memop' (first given at line {line})")
 
 
+@pytest.mark.parametrize("old, new, part", [
+    ("  base_us: ", "  base_us: 1.0e+308 #", "network.intra.latency"),  # inside the range the schema allows
+    ("  fwd_us: ", "  fwd_us: 1.0e+308 #", "host.fwd_us"),  # the step stays finite, its shares do not
+    ("  memop: ", "  memop: 1.0e-300 #", "efficiency.memop"),
+])
+def test_a_figure_that_makes_the_prediction_infinite_is_refused(tmp_path, capsys, old, new, part):
+    """Before, inf or NaN was printed as the prediction (or its provenance shares) with exit 0."""
+    p = _variant(tmp_path, old, new)
+    assert predict_main(["--model", "alcf-1t", "--system", str(p), "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(p) in err and part in err and "not a finite number" in err, err
+
+
 def test_unknown_device_names_the_table(tmp_path):
     p = _variant(tmp_path, "model: Max-1550-tile", "model: Max-1551-tile")
     with pytest.raises(AnalysisError, match=r"device\.model: unknown device 'Max-1551-tile'.*Max-1550-tile"):

@@ -28,6 +28,7 @@ import pandas as pd
 
 from full_model.megatron.commslog import COMMS_COLUMNS, COMMS_HEAD, CommsTable
 from full_model.megatron.logtext import NUM, NUM_RE, TIMESTAMP, iso_timestamp, norm_key, number, strip_prefix
+from full_model.megatron.logtext import format_iteration_line  # noqa: F401 (its old home; importers use it)
 from microbench.harness.options import MAX_TIMEOUT_S
 
 ITERATION_COLUMNS = [
@@ -412,45 +413,3 @@ def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
                    "tflops_formula"):
             df[c] = df[c].astype(object).where(df[c].notna(), None)  # None, never NaN
     return df
-
-
-def format_iteration_line(iteration: int, *, train_iters: int, elapsed_ms: float,
-                          global_batch_size: int, lm_loss: float, samples_per_second: float,
-                          tokens_per_gpu_per_second: float, tflops_lm: float,
-                          consumed_samples: int, seq_len: int, learning_rate: float = 0.0,
-                          loss_scale: float = 1.0, tflops_ds: float | None = None,
-                          num_skipped_iterations: int = 0, num_nan_iterations: int = 0,
-                          timestamp: _dt.datetime | str | bool | None = None) -> str:
-    """One iteration line in the current Megatron-DeepSpeed ``key=value`` form.
-
-    Why: the project's reference step logs what the real run logs, so one parser (and one
-    cross-check) reads both. TFLOPs are written with the explicit ``[LM]-`` key so the
-    formula is never guessed. ``timestamp`` True stamps now; a datetime/str stamps that,
-    with the logger prefix ALCF's runs print (``[date time][INFO][module] - ``).
-    """
-    fields = [
-        f"iteration={iteration:8d}/{train_iters:8d}",
-        f"consumed_samples={consumed_samples:12d}",
-        f"consumed_tokens={consumed_samples * seq_len:12d}",
-        f"elapsed_time_per_iteration_ms={elapsed_ms:.1f}",
-        f"learning_rate={learning_rate:.6g}",
-        f"global_batch_size={global_batch_size:5d}",
-        f"lm loss={lm_loss:.6f}",
-        f"loss_scale={loss_scale:.1f}",
-        f"actual_seqlen={seq_len:5d}",
-        f"number_of_skipped_iterations={num_skipped_iterations:3d}",
-        f"number_of_nan_iterations={num_nan_iterations:3d}",
-        f"samples_per_second={samples_per_second:.3f}",
-        f"tokens_per_gpu_per_second_tgs={tokens_per_gpu_per_second:.3f}",
-        f"[LM]-TFLOPs={tflops_lm:.2f}",
-    ]
-    if tflops_ds is not None:
-        fields.append(f"[DS]-TFLOPs={tflops_ds:.2f}")
-    line = " " + " | ".join(fields) + " |"
-    if timestamp is None or timestamp is False:
-        return line
-    if timestamp is True:
-        timestamp = _dt.datetime.now()
-    if isinstance(timestamp, _dt.datetime):
-        timestamp = timestamp.strftime("%Y-%m-%d %H:%M:%S")
-    return f"[{timestamp}][INFO][full_model.train] -{line}"
