@@ -11,14 +11,13 @@ derived from the median (flop → tflops, bytes_moved → gbps).
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import pandas as pd
 
 from microbench.runtime.results import ResultsError
-from microbench.runtime.rowcheck import is_number, row_problem
+from microbench.runtime.rowcheck import is_amount, is_number, row_problem
 
 STATS_US = {"median": "time_us_median", "mean": "time_us_mean", "min": "time_us_min",
             "max": "time_us_max", "stddev": "time_us_stdev", "iqr": "time_us_iqr"}
@@ -50,7 +49,7 @@ def load_benchmark_json(path: str | os.PathLike) -> pd.DataFrame:
         for key, col in STATS_US.items():
             if key in stats:
                 v = stats[key]
-                if not (is_number(v) and math.isfinite(v) and v >= 0):
+                if not is_amount(v):
                     raise ResultsError(f"{p}: benchmarks[{i}] ({b.get('name')}): stats.{key} {v!r} is not a "
                                        "finite time ≥ 0 s")
                 row[col] = v * 1e6
@@ -65,7 +64,7 @@ def load_benchmark_json(path: str | os.PathLike) -> pd.DataFrame:
             data = stats["data"] if isinstance(stats["data"], list) else [stats["data"]]
             row["time_us_samples"] = [x * 1e6 if is_number(x) else x for x in data]
         for key in ("flop", "bytes_moved"):  # the rates below are derived from them
-            if row.get(key) is not None and not (is_number(row[key]) and math.isfinite(row[key]) and row[key] >= 0):
+            if row.get(key) is not None and not is_amount(row[key]):
                 raise ResultsError(f"{where}: extra_info.{key} {row[key]!r} is not a finite number ≥ 0")
         bad = row_problem(row)  # the same checks as a run directory's rows (time, counts, dtype, status)
         if bad:

@@ -26,14 +26,13 @@ profile from their rows, the prediction, the reference step, and the comparison 
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from microbench.runtime.results import read_run
-from microbench.runtime.rowcheck import is_number
+from microbench.runtime.rowcheck import is_amount
 from microbench.model.config import TrainConfig
 
 from analysis.manifest import config_from_manifest
@@ -136,7 +135,7 @@ def measured_from_run(run_dir: str | Path) -> MeasuredStep:
     timers = s.get(key)
     groups = None
     if timers:
-        bad = next((f"{k}: {v!r}" for k, v in timers.items() if not (is_number(v) and math.isfinite(v) and v >= 0)),
+        bad = next((f"{k}: {v!r}" for k, v in timers.items() if not is_amount(v)),
                    None) if isinstance(timers, dict) else f"a {type(timers).__name__}, not an object"
         if bad:
             raise CrossCheckError(f"{run_dir}: its train_summary row's {key} is not timer → µs ≥ 0 ({bad})")

@@ -32,6 +32,11 @@ def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def is_amount(v: Any, *, signed: bool = False) -> bool:
+    """A finite number (not a bool), ≥ 0 unless ``signed``: a time, a rate, a size."""
+    return is_number(v) and math.isfinite(v) and (signed or v >= 0)
+
+
 def is_count(v: Any, least: int) -> bool:
     """A whole number from ``least`` up to int64's range (a column of them is int64 in pandas;
     a byte count of 1e308 passed as whole and overflowed the α–β fit)."""
@@ -62,7 +67,7 @@ def row_problem(row: dict[str, Any], manifest: dict[str, Any] | None = None) -> 
             return f"{key} {row[key]!r} is not text"
     for key in (*_QUANTITIES, *_SIGNED):
         v = row.get(key)
-        if v is not None and not (is_number(v) and math.isfinite(v) and (key in _SIGNED or v >= 0)):
+        if v is not None and not is_amount(v, signed=key in _SIGNED):
             return f"{key} {v!r} is not a finite number{'' if key in _SIGNED else ' ≥ 0'}"
     for key, v in row.items():
         if not key.startswith(("time_us", "warmup_us")) or v is None:
@@ -71,7 +76,7 @@ def row_problem(row: dict[str, Any], manifest: dict[str, Any] | None = None) -> 
             return f"{key} {v!r} is not a time (only *_samples hold a list)"
         values = v if isinstance(v, list) else [v]
         for x in values:
-            if not (is_number(x) and math.isfinite(x) and x >= 0):
+            if not is_amount(x):
                 return f"{key} {x!r} is not a finite time ≥ 0 µs"
     if status == "ok" and "time_us" in row and row["time_us"] == 0:
         return "time_us 0 in an ok row: a measured case takes time"
